@@ -1,0 +1,73 @@
+"""The internal edit-record format, with validation that names file, record and field."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from metaedit.types import MetaEditError
+
+# field -> (type, required). `locality` items are {"prompt": str, "answer": str}.
+RECORD_FIELDS: dict[str, tuple[type, bool]] = {
+    "case_id": (str, False),
+    "prompt": (str, True),
+    "target_new": (str, True),
+    "target_true": (str, False),
+    "rephrases": (list, True),
+    "locality": (list, True),
+    "target_candidates": (list, False),
+}
+
+
+def validate_record(rec: Any, where: str) -> dict[str, Any]:
+    if not isinstance(rec, dict):
+        raise MetaEditError(f"{where}: expected an object, got {type(rec).__name__}")
+    for name, (typ, required) in RECORD_FIELDS.items():
+        if name not in rec:
+            if required:
+                raise MetaEditError(f"{where}: missing field '{name}'")
+            continue
+        if not isinstance(rec[name], typ):
+            raise MetaEditError(f"{where}: field '{name}' must be {typ.__name__}, got {type(rec[name]).__name__}")
+    for name in ("prompt", "target_new"):
+        if not rec[name].strip():
+            raise MetaEditError(f"{where}: field '{name}' is empty")
+    if not rec["rephrases"] or not all(isinstance(x, str) and x.strip() for x in rec["rephrases"]):
+        raise MetaEditError(f"{where}: field 'rephrases' must be a non-empty list of non-empty strings")
+    for j, loc in enumerate(rec["locality"]):
+        ok = isinstance(loc, dict) and all(isinstance(loc.get(k), str) and loc[k].strip() for k in ("prompt", "answer"))
+        if not ok:
+            raise MetaEditError(f"{where}: locality[{j}] must be {{'prompt': str, 'answer': str}}, got {loc!r}")
+    if not rec["locality"]:
+        raise MetaEditError(f"{where}: field 'locality' is empty")
+    return rec
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise MetaEditError(f"data file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MetaEditError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise MetaEditError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return [validate_record(rec, f"{path}: record {i}") for i, rec in enumerate(data)]
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON so a reader never sees a half-written file (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,87 @@
+"""The one small interface every editor implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from metaedit.data.formatting import Formatter
+from metaedit.functional import EditedModel, forward_logits
+from metaedit.models.inner_params import InnerParam
+from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
+
+
+class Editor(nn.Module, ABC):
+    """Turns (base model, edit requests) into an edited model, functionally.
+
+    Subclasses implement `apply_edits` (differentiable w.r.t. the editor's own parameters, for
+    meta-training) and `hparams` (the JSON-able constructor arguments saved with a checkpoint).
+    The base model is referenced, not registered as a submodule, so `state_dict()` — and so every
+    checkpoint — holds only the editor's own tensors.
+    """
+
+    method: ClassVar[str]
+
+    def __init__(self, model: PreTrainedModel, inner_params: Sequence[InnerParam]) -> None:
+        super().__init__()
+        if not inner_params:
+            raise MetaEditError(f"{type(self).__name__}: no inner params to edit")
+        object.__setattr__(self, "model", model)
+        self.inner_params = list(inner_params)
+        # Set by load_editor / the trainer; needed only for text-level `edit(requests)`.
+        self.formatter: Formatter | None = None
+
+    # ---- to implement ---------------------------------------------------------------------------
+    @abstractmethod
+    def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
+        """Return the model edited for this batch of requests (all applied together)."""
+
+    @abstractmethod
+    def hparams(self) -> dict[str, Any]:
+        """JSON-able constructor arguments (besides model and inner params)."""
+
+    # ---- optional hooks for the outer loop ------------------------------------------------------
+    def base_logits(self, batch: LMBatch) -> Tensor:
+        """Logits of the *unedited* model that locality is measured against."""
+        with torch.no_grad():
+            return forward_logits(self.model, batch)
+
+    def extra_losses(self, batch: EditBatch, edited: EditedModel) -> dict[str, Tensor]:
+        """Method-specific terms added (already weighted) to the outer loss."""
+        return {}
+
+    def outer_objective(self, l_edit: Tensor, l_loc: Tensor, c_edit: float, c_loc: float) -> Tensor:
+        return c_edit * l_edit + c_loc * l_loc
+
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+    # ---- user-facing ----------------------------------------------------------------------------
+    def edit(self, requests: Iterable[EditRequest | Mapping[str, Any] | Sequence[str]]) -> EditedModel:
+        """Apply a list of edit requests (prompt, target) at once; the base model is left unchanged."""
+        reqs = [EditRequest.coerce(r) for r in requests]
+        if not reqs:
+            raise MetaEditError("edit() needs at least one request")
+        if self.formatter is None:
+            raise MetaEditError("this editor has no tokenizer attached; load it with metaedit.load_editor")
+        batch = self.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs]).to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            return self.apply_edits(batch, reqs).detached()
+        finally:
+            self.train(was_training)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def save_pretrained(self, directory: str) -> None:
+        from metaedit.editors.io import save_editor
+
+        save_editor(self, directory)

@@ -1,0 +1,3 @@
+from metaedit.editors.ft.editor import FTEditor, FTLEditor
+
+__all__ = ["FTEditor", "FTLEditor"]

@@ -1,0 +1,3 @@
+from metaedit.editors.mend.editor import MENDEditor
+
+__all__ = ["MENDEditor"]

@@ -1,0 +1,97 @@
+"""MEND: Model Editor Networks with Gradient Decomposition."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from metaedit.editors.base import Editor
+from metaedit.editors.mend.networks import GradientTransform
+from metaedit.functional import EditedModel, forward_logits
+from metaedit.hooks import capture_layer_io
+from metaedit.losses import nll
+from metaedit.models.inner_params import InnerParam
+from metaedit.types import EditRequest, LMBatch
+
+
+class MENDEditor(Editor):
+    """For y = W u + b the edit-loss gradient is Σ_t δ_t u_tᵀ; MEND maps each (u_t, δ_t) to a pseudo
+    pair (ũ_t, δ̃_t) and applies W' = W − η_ℓ Σ_t δ̃_t ũ_tᵀ (descent; the reference code adds).
+
+    Args:
+        rank: rank r of the low-rank residual blocks (clamped to d_in + d_out).
+        edit_lr: initial value of the learned per-layer step size η_ℓ.
+        rows: "nonpad" keeps every position with a non-zero u and δ (the reference behaviour);
+            "target" keeps only target positions on the output stream (encoder layers keep all).
+        n_blocks: residual blocks in each network.
+        act: activation of the residual blocks (gelu, silu, tanh).
+    """
+
+    method = "mend"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        inner_params: Sequence[InnerParam],
+        rank: int = 1920,
+        edit_lr: float = 1e-4,
+        rows: Literal["nonpad", "target"] = "nonpad",
+        n_blocks: int = 2,
+        act: str = "gelu",
+    ) -> None:
+        super().__init__(model, inner_params)
+        if rows not in ("nonpad", "target"):
+            raise ValueError(f"mend rows must be 'nonpad' or 'target', got {rows!r}")
+        self.rank, self.edit_lr_init, self.rows, self.n_blocks, self.act = rank, edit_lr, rows, n_blocks, act
+        # One network per distinct (d_in, d_out), shared by all layers of that shape.
+        shapes = sorted({(p.d_in, p.d_out) for p in self.inner_params})
+        self._slot: list[tuple[str, int]] = []
+        count: dict[str, int] = {}
+        for p in self.inner_params:
+            key = f"{p.d_in}x{p.d_out}"
+            self._slot.append((key, count.get(key, 0)))
+            count[key] = count.get(key, 0) + 1
+        self.nets = nn.ModuleDict(
+            {f"{i}x{o}": GradientTransform(i, o, count[f"{i}x{o}"], rank, n_blocks, act) for i, o in shapes}
+        )
+        self.edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(edit_lr)))
+
+    def hparams(self) -> dict[str, Any]:
+        return {"rank": self.rank, "edit_lr": self.edit_lr_init, "rows": self.rows, "n_blocks": self.n_blocks, "act": self.act}
+
+    def capture(self, edit: LMBatch) -> list[tuple[Tensor, Tensor]]:
+        """(u, δ) rows for every inner layer: one forward + a backward that stops at the earliest
+        inner layer (autograd.grad w.r.t. layer outputs only, never into base parameters)."""
+        modules = {p.module_name: self.model.get_submodule(p.module_name) for p in self.inner_params}
+        with torch.enable_grad(), capture_layer_io(modules) as io:
+            logits = forward_logits(self.model, edit)
+            # Sum over tokens: per-token δ must not shrink as more edits share a batch.
+            loss = nll(logits, edit.targets, reduction="sum")
+            outputs = [io[p.module_name][1] for p in self.inner_params]
+            deltas = torch.autograd.grad(loss, outputs)
+        target_mask = (edit.targets != -100).reshape(-1)
+        rows = []
+        for p, delta in zip(self.inner_params, deltas):
+            u = io[p.module_name][0].reshape(-1, p.d_in)
+            d = delta.reshape(-1, p.d_out)
+            keep = (u != 0).any(-1) & (d != 0).any(-1)  # padding rows contribute nothing
+            if self.rows == "target" and p.side == "output" and target_mask.numel() == keep.numel():
+                keep &= target_mask.to(keep.device)
+            rows.append((u[keep].float(), d[keep].float()))
+        return rows
+
+    def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
+        new_params: dict[str, Tensor] = {}
+        for i, (p, (u, d)) in enumerate(zip(self.inner_params, self.capture(edit))):
+            key, slot = self._slot[i]
+            u_t, d_t = self.nets[key](u, d, slot)
+            grad = d_t.T @ u_t  # [d_out, d_in] = Σ_t δ̃_t ũ_tᵀ
+            if p.transposed:
+                grad = grad.T  # Conv1D stores W as [d_in, d_out]
+            w = self.model.get_parameter(p.name)
+            new_params[p.name] = w - (self.edit_lrs[i] * grad).to(w.dtype)
+        return EditedModel(self.model, new_params)

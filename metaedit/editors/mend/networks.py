@@ -1,0 +1,72 @@
+"""MEND's gradient-transform networks (Mitchell et al. 2022, §3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATIONS = {"gelu": nn.functional.gelu, "silu": nn.functional.silu, "tanh": torch.tanh}
+
+
+class RunningNorm(nn.Module):
+    """Per-feature running mean/std, updated in training mode, frozen in eval (saved as buffers)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        # Chan et al.'s parallel Welford merge of the batch statistics into the running ones.
+        x = x.detach().to(torch.float64)
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        mean_b = x.mean(0)
+        m2_b = ((x - mean_b) ** 2).sum(0)
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta**2 * self.count * n_b / n
+        self.count.copy_(n)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.update(x)
+        if self.count < 2:
+            return x
+        std = (self.m2 / (self.count - 1)).sqrt().clamp_min(self.eps)
+        return (x - self.mean.to(x.dtype)) / std.to(x.dtype)
+
+
+class GradientTransform(nn.Module):
+    """g: [norm(u); norm(δ)] -> (ũ, δ̃), shared by every layer of one (d_in, d_out) shape.
+
+    Two residual blocks h <- h + act(s_ℓ ⊙ (U V h + b) + o_ℓ) with low rank r; U starts at zero and
+    the FiLM scale/shift (s_ℓ, o_ℓ) at 1/0, so g starts as the identity and MEND's first edits are
+    plain (normalised) fine-tuning steps. act must have act(0) = 0 and act'(0) ≠ 0: with ReLU
+    (ReLU'(0) = 0) the zero-initialised blocks get exactly zero gradient and never train.
+    """
+
+    def __init__(self, d_in: int, d_out: int, n_layers: int, rank: int, n_blocks: int = 2, act: str = "gelu") -> None:
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        self.act = ACTIVATIONS[act]
+        dim = d_in + d_out
+        r = min(rank, dim)  # a rank above the width adds parameters but no expressiveness
+        self.norms = nn.ModuleList(RunningNorm(dim) for _ in range(n_layers))
+        self.down = nn.ParameterList(nn.Parameter(torch.randn(r, dim) / dim**0.5) for _ in range(n_blocks))
+        self.up = nn.ParameterList(nn.Parameter(torch.zeros(dim, r)) for _ in range(n_blocks))
+        self.bias = nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(n_blocks))
+        self.scale = nn.Parameter(torch.ones(n_layers, n_blocks, dim))
+        self.shift = nn.Parameter(torch.zeros(n_layers, n_blocks, dim))
+
+    def forward(self, u: Tensor, delta: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        h = self.norms[layer](torch.cat([u, delta], dim=-1))
+        for k in range(len(self.up)):
+            pre = (h @ self.down[k].T) @ self.up[k].T + self.bias[k]
+            h = h + self.act(self.scale[layer, k] * pre + self.shift[layer, k])
+        return h[:, : self.d_in], h[:, self.d_in :]

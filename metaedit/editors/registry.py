@@ -1,0 +1,20 @@
+"""Explicit method registry: name -> editor class. No string-built imports."""
+
+from __future__ import annotations
+
+from metaedit.editors.base import Editor
+from metaedit.editors.ft import FTEditor, FTLEditor
+from metaedit.editors.mend import MENDEditor
+from metaedit.types import MetaEditError
+
+EDITORS: dict[str, type[Editor]] = {
+    FTEditor.method: FTEditor,
+    FTLEditor.method: FTLEditor,
+    MENDEditor.method: MENDEditor,
+}
+
+
+def editor_class(method: str) -> type[Editor]:
+    if method not in EDITORS:
+        raise MetaEditError(f"unknown method {method!r}; valid: {sorted(EDITORS)}")
+    return EDITORS[method]

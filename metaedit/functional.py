@@ -1,0 +1,94 @@
+"""Functional edits: run a base model with some parameters replaced, never mutating it."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metaedit.types import LMBatch
+
+
+def logits_of(output: Any) -> Tensor:
+    """Logits as [batch, positions, classes]; a classifier's [batch, classes] gets one position."""
+    logits = output.logits if hasattr(output, "logits") else output
+    return logits.unsqueeze(1) if logits.dim() == 2 else logits
+
+
+def forward_logits(model: nn.Module, batch: LMBatch, params: Mapping[str, Tensor] | None = None) -> Tensor:
+    """One forward pass; `params` (name -> tensor) replace the model's own for this call only.
+
+    torch.func.functional_call swaps the tensors in and restores the originals in a finally block,
+    so the graph flows into `params` (meta-training) while the base module stays untouched.
+    """
+    kwargs = batch.model_kwargs()
+    if params:
+        return logits_of(functional_call(model, dict(params), args=(), kwargs=kwargs, strict=False))
+    return logits_of(model(**kwargs))
+
+
+@contextmanager
+def swapped_params(model: nn.Module, params: Mapping[str, Tensor]) -> Iterator[nn.Module]:
+    """Temporarily make `model` use `params` (for methods other than forward, e.g. `generate`).
+
+    The original Parameter objects are put back in `finally`, so an exception cannot leave the base
+    model edited.
+    """
+    saved: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for name, value in params.items():
+            mod_name, _, pname = name.rpartition(".")
+            module = model.get_submodule(mod_name)
+            saved.append((module, pname, module._parameters[pname]))  # type: ignore[arg-type]
+            del module._parameters[pname]
+            setattr(module, pname, value)
+        yield model
+    finally:
+        for module, pname, original in reversed(saved):
+            if pname in module.__dict__:
+                delattr(module, pname)
+            module._parameters[pname] = original
+
+
+class EditedModel(nn.Module):
+    """The base model seen through edited parameters; usable like the base (forward, generate).
+
+    The base is held without registering it as a submodule, so this object never copies or owns
+    base weights; `merged()` returns a standalone copy when one is wanted.
+    """
+
+    def __init__(self, base: nn.Module, params: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        object.__setattr__(self, "base", base)
+        self.params: dict[str, Tensor] = dict(params)
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.base, "config", None)
+
+    def logits(self, batch: LMBatch) -> Tensor:
+        return forward_logits(self.base, batch, self.params)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.base, self.params, args=args, kwargs=kwargs, strict=False)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad(), swapped_params(self.base, self.params):
+            return self.base.generate(*args, **kwargs)  # type: ignore[operator]
+
+    def detached(self) -> EditedModel:
+        return EditedModel(self.base, {k: v.detach() for k, v in self.params.items()})
+
+    def merged(self) -> nn.Module:
+        """A deep copy of the base model with the edit written into its weights."""
+        with swapped_params(self.base, {}):
+            clone = copy.deepcopy(self.base)
+        with torch.no_grad():
+            for name, value in self.params.items():
+                clone.get_parameter(name).copy_(value)
+        return clone

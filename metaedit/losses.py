@@ -1,0 +1,48 @@
+"""Outer-loop losses and per-example correctness on aligned logits/targets."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def nll(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Token-level negative log-likelihood of `targets` (-100 ignored); mean or sum over tokens."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+
+
+def token_kl(pre_logits: Tensor, post_logits: Tensor, mask: Tensor) -> Tensor:
+    """KL(p_pre ‖ p_post) per position, averaged over positions where `mask` is 1."""
+    pre = F.log_softmax(pre_logits.float(), dim=-1)
+    post = F.log_softmax(post_logits.float(), dim=-1)
+    kl = (pre.exp() * (pre - post)).sum(-1)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1.0)
+
+
+def exact_correct(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per example: is every target token the argmax given the target prefix?
+
+    By induction over positions this is exactly "greedy decoding reproduces the whole target", so
+    exact-mode accuracy needs one teacher-forced pass, not a generation loop.
+    """
+    valid = targets != -100
+    hit = (logits.argmax(-1) == targets) | ~valid
+    return hit.all(dim=-1)
+
+
+def token_correct(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per example: fraction of target tokens whose teacher-forced argmax is right (EasyEdit's mode)."""
+    valid = targets != -100
+    hit = (logits.argmax(-1) == targets) & valid
+    return hit.sum(-1).float() / valid.sum(-1).clamp_min(1).float()
+
+
+@torch.no_grad()
+def mean_target_logprob(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per example: mean log-probability per target token (CounterFact's scoring)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    valid = targets != -100
+    tok = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+    return tok.sum(-1) / valid.sum(-1).clamp_min(1)

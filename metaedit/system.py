@@ -1,0 +1,126 @@
+"""The one generic LightningModule: the outer loop of every learned editor."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from metaedit.editors.base import Editor
+from metaedit.losses import exact_correct
+from metaedit.metrics import MetricAccumulator, evaluate_edit_batch, outer_losses
+from metaedit.types import EditBatch
+
+log = logging.getLogger(__name__)
+
+
+class EditorSystem(pl.LightningModule):
+    """Meta-trains `editor`: θ' = Edit_φ(θ, z_e); minimise c_edit·L_edit(θ') + c_loc·L_loc(θ, θ')
+    (+ the editor's own extra terms) w.r.t. the editor's trainable parameters.
+
+    Optimisation is manual so a non-finite step can be skipped cleanly (no optimizer-state update)
+    and identically on every DDP rank.
+    """
+
+    def __init__(
+        self,
+        editor: Editor,
+        c_edit: float = 0.1,
+        c_loc: float = 1.0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        grad_clip: float = 100.0,
+        accumulate: int = 1,
+        max_nonfinite: int = 10,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        # Base weights are never part of a Lightning checkpoint (see on_save_checkpoint).
+        self.strict_loading = False
+        self.editor = editor
+        self.base = editor.model  # registered so Lightning moves it to the right device
+        self.c_edit, self.c_loc = c_edit, c_loc
+        self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
+        self.accumulate, self.max_nonfinite = max(1, accumulate), max_nonfinite
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self._val = MetricAccumulator()
+
+    def train(self, mode: bool = True) -> EditorSystem:
+        # The base model stays in eval mode: dropout in it would make L_loc measure noise.
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.editor.parameters() if p.requires_grad]
+        # fused Adam: one kernel for all tensors (the per-tensor loop dominates a small editor's step).
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+
+    def transfer_batch_to_device(self, batch: EditBatch, device: torch.device, dataloader_idx: int) -> EditBatch:
+        return batch.to(device)
+
+    def _objective(self, batch: EditBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        l_edit, l_loc, _, edited, post_in = outer_losses(self.editor, batch)
+        loss = self.editor.outer_objective(l_edit, l_loc, self.c_edit, self.c_loc)
+        logs = {"loss_edit": l_edit.detach(), "loss_loc": l_loc.detach()}
+        for name, term in self.editor.extra_losses(batch, edited).items():
+            loss = loss + term
+            logs[f"loss_{name}"] = term.detach()
+        logs["rephrase_acc"] = exact_correct(post_in.detach(), batch.inscope.targets).float().mean()
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    def training_step(self, batch: EditBatch, batch_idx: int) -> None:
+        opt = self.optimizers()
+        loss, logs = self._objective(batch)
+        # Every rank must take the same decision, or DDP's gradient all-reduce would deadlock.
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if finite:
+            self.manual_backward(loss / self.accumulate)
+        if (batch_idx + 1) % self.accumulate == 0 or not finite:
+            params = [p for p in self.editor.parameters() if p.requires_grad]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if finite else torch.tensor(math.nan)
+            if finite and torch.isfinite(norm):
+                opt.step()
+                self.nonfinite_in_row = 0
+                logs["grad_norm"] = norm.detach()
+            else:
+                self.nonfinite_in_row += 1
+                self.nonfinite_total += 1
+                log.warning("skipped a non-finite step (%d in a row)", self.nonfinite_in_row)
+                if self.nonfinite_in_row >= self.max_nonfinite:
+                    raise RuntimeError(
+                        f"{self.nonfinite_in_row} non-finite steps in a row: training diverged "
+                        f"(lower the learning rate or raise trainer grad clipping)"
+                    )
+            opt.zero_grad(set_to_none=True)
+        logs["nonfinite_steps"] = torch.tensor(float(self.nonfinite_total))
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch.n_edits, prog_bar=False)
+        self.log("train_loss", logs["loss"], prog_bar=True, logger=False, batch_size=batch.n_edits)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = MetricAccumulator()
+
+    def validation_step(self, batch: EditBatch, batch_idx: int) -> None:
+        self._val.add(evaluate_edit_batch(self.editor, batch))
+
+    def on_validation_epoch_end(self) -> None:
+        s = self._val.summary()
+        if not s:
+            return
+        loss = self.c_edit * s["loss_edit"] + self.c_loc * s["loss_loc"]
+        values = {f"val/{k}": s[k] for k in ("edit_acc", "rephrase_acc", "loc_retain", "drawdown", "edit_ms")}
+        values.update({"val/loss_edit": s["loss_edit"], "val/loss_loc": s["loss_loc"], "val/loss": loss})
+        for k, v in values.items():
+            self.log(k, torch.tensor(v, device=self.device), sync_dist=True, prog_bar=k in ("val/loss", "val/rephrase_acc"))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("base.")}
+        checkpoint["nonfinite_total"] = self.nonfinite_total
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_total = int(checkpoint.get("nonfinite_total", 0))

@@ -1,0 +1,70 @@
+"""`train(cfg)`: everything `python train.py` does, testable without a subprocess."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping
+
+from metaedit.callbacks import AtomicModelCheckpoint, SaveBestEditor
+from metaedit.editors.io import build_editor, load_editor, save_editor
+from metaedit.evaluation import evaluate_editor, format_report
+from metaedit.models.loading import load_base_model
+from metaedit.system import EditorSystem
+
+log = logging.getLogger(__name__)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Meta-train the configured editor; return the test report (or {} when evaluation is off)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    model_cfg = _plain(cfg.model)
+    model, tokenizer = load_base_model(model_cfg, cfg.paths.cache_dir)
+    editor = build_editor(cfg.method.name, model, model_cfg, _plain(cfg.method.editor) or {}, tokenizer=tokenizer)
+    data = instantiate(cfg.data, formatter=editor.formatter, _recursive_=False)
+    run_dir = Path(cfg.paths.checkpoint_dir) / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("run %s: %d inner params, editor has %d trainable parameters", cfg.run_name,
+             len(editor.inner_params), sum(p.numel() for p in editor.parameters() if p.requires_grad))
+
+    is_rank_zero = True
+    if editor.trainable():
+        system = EditorSystem(editor, **_plain(cfg.method.loss), **_plain(cfg.method.optim))
+        callbacks = [
+            AtomicModelCheckpoint(dirpath=run_dir, filename="last", save_last=False, save_top_k=1,
+                                  every_n_train_steps=cfg.checkpoint_every_n_steps, enable_version_counter=False),
+            SaveBestEditor(run_dir),
+            EarlyStopping(monitor="val/loss", patience=cfg.patience, mode="min"),
+        ]
+        logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        last = run_dir / "last.ckpt"
+        ckpt = str(last) if cfg.resume and last.is_file() else None
+        if ckpt:
+            log.info("resuming from %s", ckpt)
+        trainer.fit(system, datamodule=data, ckpt_path=ckpt)
+        is_rank_zero = trainer.is_global_zero
+        if is_rank_zero and not (run_dir / "best").exists():
+            save_editor(editor, run_dir / "best")  # no validation ran (e.g. max_steps below val interval)
+    else:
+        log.info("method %s has nothing to train; writing its configuration only", cfg.method.name)
+        save_editor(editor, run_dir / "best")
+
+    if not (cfg.evaluate_after and is_rank_zero):
+        return {}
+    best = load_editor(run_dir, model=model, tokenizer=tokenizer)
+    report = evaluate_editor(best, data, split=cfg.eval_split, limit=cfg.get("eval_limit"))
+    (run_dir / f"eval-{data.name}-{cfg.eval_split}.json").write_text(json.dumps(report, indent=1))
+    print(format_report(report), flush=True)
+    return report

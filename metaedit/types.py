@@ -1,0 +1,106 @@
+"""Typed containers shared by data, editors and the outer loop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class MetaEditError(ValueError):
+    """A user-facing error: bad input, config or file. The message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit: make the model answer `target` for `prompt`."""
+
+    prompt: str
+    target: str
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "target"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise MetaEditError(f"edit request field '{name}' must be a string, got {type(value).__name__}")
+            if not value.strip():
+                raise MetaEditError(f"edit request has an empty '{name}' (prompt={self.prompt!r})")
+
+    @classmethod
+    def coerce(cls, item: EditRequest | Mapping[str, Any] | Sequence[str]) -> EditRequest:
+        """Accept EditRequest, {'prompt','target'} dicts or (prompt, target) pairs."""
+        if isinstance(item, EditRequest):
+            return item
+        if isinstance(item, Mapping):
+            missing = [k for k in ("prompt", "target") if k not in item]
+            if missing:
+                raise MetaEditError(f"edit request {dict(item)!r} lacks field(s) {missing}")
+            return cls(item["prompt"], item["target"])
+        if isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2:
+            return cls(item[0], item[1])
+        raise MetaEditError(f"cannot read an edit request from {item!r}; give (prompt, target)")
+
+
+@dataclass
+class LMBatch:
+    """Tokenised (input, target) pairs in a family-independent layout.
+
+    `targets` is aligned with the model's logits positions (already shifted for causal LMs), -100
+    where no target token is predicted. `kl_mask` marks the positions the locality KL averages over
+    (the non-padding positions of the sequence whose logits are compared).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    targets: Tensor
+    kl_mask: Tensor
+    decoder_input_ids: Tensor | None = None
+    decoder_attention_mask: Tensor | None = None
+
+    def model_kwargs(self) -> dict[str, Tensor]:
+        kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.decoder_input_ids is not None:
+            kwargs["decoder_input_ids"] = self.decoder_input_ids
+            kwargs["decoder_attention_mask"] = self.decoder_attention_mask
+        return kwargs
+
+    def to(self, device: torch.device | str) -> LMBatch:
+        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        return replace(self, **moved)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class EditBatch:
+    """One outer-loop example: n edits, their in-scope rephrases and out-of-scope inputs.
+
+    Texts travel with the tensors because text-based editors (SERAC, KE's conditioning) need them.
+    `inscope_owner[j]` is the index of the edit that rephrase j belongs to.
+    """
+
+    edit: LMBatch
+    inscope: LMBatch
+    loc: LMBatch
+    requests: list[EditRequest]
+    inscope_prompts: list[str]
+    inscope_owner: Tensor
+    loc_prompts: list[str]
+    loc_answers: list[str] = field(default_factory=list)
+
+    @property
+    def n_edits(self) -> int:
+        return len(self.requests)
+
+    def to(self, device: torch.device | str) -> EditBatch:
+        return replace(
+            self,
+            edit=self.edit.to(device),
+            inscope=self.inscope.to(device),
+            loc=self.loc.to(device),
+            inscope_owner=self.inscope_owner.to(device),
+        )

@@ -1,0 +1,110 @@
+"""train.py / evaluate.py end to end: config errors, resume after a kill, DDP on CPU, metrics JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_cli
+
+FAST = ["trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "eval_limit=4",
+        "logger=none", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize(
+    "override,valid",
+    [("method=nope", ["ft", "ftl", "mend"]), ("model=nope", ["tiny-gpt2", "t5-xxl"]), ("data=nope", ["synthetic"])],
+)
+def test_unknown_names_list_the_valid_ones(tmp_path, override, valid):
+    res = run_cli(["train.py", override, *FAST], tmp_path)
+    assert res.returncode != 0
+    group = override.split("=")[0]
+    assert f"Could not find '{group}/nope'" in res.stderr
+    for v in valid:
+        assert v in res.stderr
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_writes_metrics(tmp_path):
+    res = run_cli(["train.py", "method=mend", "model=tiny-gpt2", "data=synthetic", *FAST], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "checkpoints" / "mend-tiny-gpt2-synthetic"
+    assert (run / "best" / "editor.safetensors").is_file() and (run / "last.ckpt").is_file()
+    res = run_cli(["evaluate.py", f"editor={run}", "data=synthetic", "split=test", "limit=6",
+                   f"output={tmp_path}/m.json"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["mode"] == "exact" and report["split"] == "test" and report["metrics"]["n_edits"] == 6
+    for key in ("edit_acc", "rephrase_acc", "loc_retain", "drawdown", "edit_ms", "peak_mem_mb"):
+        assert key in report["metrics"]
+    assert "exact mode" in res.stdout and "token mode" in res.stdout
+
+
+def test_evaluate_refuses_a_missing_editor(tmp_path):
+    res = run_cli(["evaluate.py", f"editor={tmp_path}/none"], tmp_path)
+    assert res.returncode == 2 and "editor directory not found" in res.stderr
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_last_checkpoint(tmp_path):
+    args = [sys.executable, "train.py", "method=mend", "model=tiny-gpt2", "trainer.max_steps=400",
+            "checkpoint_every_n_steps=4", "trainer.val_check_interval=1000", "evaluate_after=false", "logger=none",
+            "trainer.enable_progress_bar=false", f"paths.root_dir={tmp_path}"]
+    last = tmp_path / "checkpoints" / "mend-tiny-gpt2-synthetic" / "last.ckpt"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not last.is_file():
+            time.sleep(0.5)
+        assert last.is_file(), "no checkpoint written"
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+    assert 0 < killed_at < 400
+    assert not any(k.startswith("base.") for k in torch.load(last, weights_only=True)["state_dict"])
+
+    res = subprocess.run([*args[:4], f"trainer.max_steps={killed_at + 8}", *args[5:]], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {last}" in res.stderr + res.stdout
+    assert "Restored all states from the checkpoint" in res.stderr + res.stdout
+    final = torch.load(last, weights_only=True)["global_step"]
+    assert final == killed_at + 8
+
+
+@pytest.mark.slow
+def test_ddp_cpu_trains_a_few_steps(tmp_path):
+    res = run_cli(["train.py", "trainer=ddp_cpu", "method=mend", "model=tiny-gpt2", *FAST], tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "distributed_backend=gloo" in out and "All distributed processes registered" in out
+    assert (tmp_path / "checkpoints" / "mend-tiny-gpt2-synthetic" / "best" / "editor.safetensors").is_file()
+
+
+def test_ft_has_nothing_to_train_but_is_evaluated(tmp_path):
+    res = run_cli(["train.py", "method=ft", "model=tiny-gpt2", "eval_limit=3", "logger=none"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "has nothing to train" in res.stderr + res.stdout
+    assert "ft on tiny-gpt2 / synthetic:test (3 edits" in res.stdout
+
+
+@pytest.mark.slow
+def test_wandb_logger_goes_offline_when_not_logged_in(tmp_path):
+    env_home = tmp_path / "home"
+    env_home.mkdir()
+    res = run_cli(["train.py", "logger=wandb", *[a for a in FAST if a != "logger=none"]], tmp_path,
+                  env={**os.environ, "HOME": str(env_home), "WANDB_API_KEY": "", "WANDB_SILENT": "true"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    assert runs, "no offline W&B run written"
+    assert "wandb sync" in res.stdout + res.stderr

@@ -1,0 +1,79 @@
+"""Synthetic world, record validation and tokenised layouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metaedit.data.records import load_records
+from metaedit.data.synthetic import TEMPLATES, build_world, edit_records
+from metaedit.types import EditRequest, MetaEditError
+
+
+def test_world_is_deterministic_and_splits_are_disjoint():
+    a, b = build_world(seed=3, n_subjects=60), build_world(seed=3, n_subjects=60)
+    assert a == b
+    assert edit_records(a, "test") == edit_records(b, "test")
+    assert build_world(seed=4, n_subjects=60).facts != a.facts
+    subjects = {s: {r["subject"] for r in edit_records(a, s)} for s in ("train", "val", "test")}
+    assert subjects["train"] and subjects["val"] and subjects["test"]
+    assert not subjects["train"] & subjects["test"] and not subjects["train"] & subjects["val"]
+    assert not subjects["val"] & subjects["test"]
+
+
+def test_eval_rephrase_templates_never_appear_in_training_records():
+    world = build_world(seed=0, n_subjects=60)
+    train_prompts = {p for r in edit_records(world, "train") for p in [r["prompt"], *r["rephrases"]]}
+    for rec in edit_records(world, "test"):
+        held_out = [t.format(rec["subject"]) for t in TEMPLATES[rec["relation"]][1]]
+        assert rec["rephrases"] == held_out
+        assert rec["target_new"] != rec["target_true"]
+        # The same templates filled with a training subject never occur in training records either.
+        train_subject = next(iter(edit_records(world, "train")))["subject"]
+        assert not {t.format(train_subject) for t in TEMPLATES[rec["relation"]][1]} & train_prompts
+
+
+def test_malformed_record_names_file_and_index(tmp_path):
+    good = edit_records(build_world(seed=0, n_subjects=20), "train")[:3]
+    bad = [good[0], good[1], {**good[2], "rephrases": "not a list"}]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(MetaEditError, match=r"bad\.json: record 2: field 'rephrases' must be list"):
+        load_records(path)
+    path.write_text(json.dumps([good[0], {k: v for k, v in good[1].items() if k != "target_new"}]))
+    with pytest.raises(MetaEditError, match=r"record 1: missing field 'target_new'"):
+        load_records(path)
+    path.write_text("[{")
+    with pytest.raises(MetaEditError, match="not valid JSON"):
+        load_records(path)
+    with pytest.raises(MetaEditError, match="data file not found"):
+        load_records(tmp_path / "missing.json")
+
+
+def test_empty_target_is_refused():
+    with pytest.raises(MetaEditError, match="empty 'target'"):
+        EditRequest("The capital of France is", "  ")
+    with pytest.raises(MetaEditError, match="empty 'prompt'"):
+        EditRequest.coerce({"prompt": "", "target": "Rome"})
+    with pytest.raises(MetaEditError, match="lacks field"):
+        EditRequest.coerce({"prompt": "x"})
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])
+def test_formatter_aligns_targets_with_logits(tiny, name):
+    from metaedit.models.loading import make_formatter
+
+    model, tok, cfg = tiny(name)
+    f = make_formatter(model, tok, cfg)
+    batch = f.batch(["The capital of Kolar is", "People in Tralis speak"], ["Port Amar", "Velese"])
+    target_ids = [f.target_ids("Port Amar"), f.target_ids("Velese")]
+    for row, ids in enumerate(target_ids):
+        got = batch.targets[row][batch.targets[row] != -100].tolist()
+        assert got == ids
+        if batch.decoder_input_ids is None:
+            # causal: the token at input position p+1 is the target at logits position p
+            pos = (batch.targets[row] != -100).nonzero().flatten()
+            assert batch.input_ids[row, pos + 1].tolist() == ids
+    assert batch.kl_mask.sum() > 0 and torch.equal(batch.kl_mask.bool().any(-1), torch.tensor([True, True]))
