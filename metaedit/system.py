@@ -35,6 +35,8 @@ class EditorSystem(pl.LightningModule):
         grad_clip: float = 100.0,
         accumulate: int = 1,
         max_nonfinite: int = 10,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -45,6 +47,9 @@ class EditorSystem(pl.LightningModule):
         self.c_edit, self.c_loc = c_edit, c_loc
         self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
         self.accumulate, self.max_nonfinite = max(1, accumulate), max_nonfinite
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule must be constant or cosine, got {schedule!r}")
+        self.schedule, self.warmup_steps = schedule, warmup_steps
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self._val = MetricAccumulator()
@@ -55,10 +60,21 @@ class EditorSystem(pl.LightningModule):
         self.base.eval()
         return self
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.editor.parameters() if p.requires_grad]
         # fused Adam: one kernel for all tensors (the per-tensor loop dominates a small editor's step).
-        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+        total = max(1, self.trainer.max_steps) if self.trainer.max_steps > 0 else None
+        warm, cosine = self.warmup_steps, self.schedule == "cosine" and total is not None
+
+        def factor(step: int) -> float:
+            w = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+            if not cosine:
+                return w
+            progress = min(1.0, step / total)  # type: ignore[operator]
+            return w * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor)}
 
     def transfer_batch_to_device(self, batch: EditBatch, device: torch.device, dataloader_idx: int) -> EditBatch:
         return batch.to(device)
@@ -86,6 +102,7 @@ class EditorSystem(pl.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if finite else torch.tensor(math.nan)
             if finite and torch.isfinite(norm):
                 opt.step()
+                self.lr_schedulers().step()
                 self.nonfinite_in_row = 0
                 logs["grad_norm"] = norm.detach()
             else:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,12 @@ from metaedit.system import EditorSystem
 
 log = logging.getLogger(__name__)
 
+# Lightning warnings about choices made on purpose: the base model stays in eval mode, optimisation is
+# manual (to skip non-finite steps), and batches are moved by EditBatch.to.
+for _message in ("Found .* module\\(s\\) in eval mode", "Using ModelCheckpoint with manual optimization",
+                 "You have overridden `transfer_batch_to_device`", "Checkpoint directory .* exists and is not empty"):
+    warnings.filterwarnings("ignore", message=_message)
+
 
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
@@ -27,6 +36,7 @@ def _plain(node: Any) -> Any:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Meta-train the configured editor; return the test report (or {} when evaluation is off)."""
+    t_start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True)
     model_cfg = _plain(cfg.model)
     model, tokenizer = load_base_model(model_cfg, cfg.paths.cache_dir)
@@ -54,17 +64,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if ckpt:
             log.info("resuming from %s", ckpt)
         trainer.fit(system, datamodule=data, ckpt_path=ckpt)
+        # The final state is a resume point too (e.g. to continue with a larger max_steps).
+        trainer.save_checkpoint(f"{last}.tmp")
         is_rank_zero = trainer.is_global_zero
+        if is_rank_zero:
+            os.replace(f"{last}.tmp", last)
         if is_rank_zero and not (run_dir / "best").exists():
             save_editor(editor, run_dir / "best")  # no validation ran (e.g. max_steps below val interval)
     else:
         log.info("method %s has nothing to train; writing its configuration only", cfg.method.name)
         save_editor(editor, run_dir / "best")
 
+    train_seconds = round(time.perf_counter() - t_start, 1)
     if not (cfg.evaluate_after and is_rank_zero):
         return {}
     best = load_editor(run_dir, model=model, tokenizer=tokenizer)
     report = evaluate_editor(best, data, split=cfg.eval_split, limit=cfg.get("eval_limit"))
+    # Wall time of this process up to the end of training (model load/build included, evaluation not).
+    report["train_seconds"] = train_seconds
     (run_dir / f"eval-{data.name}-{cfg.eval_split}.json").write_text(json.dumps(report, indent=1))
     print(format_report(report), flush=True)
     return report

@@ -39,8 +39,11 @@ def plain_forward_backward(model, batch) -> None:
 def bench(model_name: str, n_edits: int, repeats: int, editor_dir: str | None) -> dict:
     cfg = load_model_config(model_name)
     model, tok = load_base_model(cfg)
-    editor = (load_editor(editor_dir, model=model, tokenizer=tok) if editor_dir
-              else build_editor("mend", model, cfg, {}, tokenizer=tok))
+    trained = Path(editor_dir or f"checkpoints/mend-{model_name}-synthetic")
+    if (trained / "best").is_dir() or (trained / "editor_config.json").is_file():
+        editor, source = load_editor(trained, model=model, tokenizer=tok), str(trained)
+    else:  # no trained editor yet: a fresh MEND has the same cost structure
+        editor, source = build_editor("mend", model, cfg, {}, tokenizer=tok), "fresh (untrained)"
     editor.eval()
     batch = editor.formatter.batch(*zip(*edit_requests(n_edits)))
     params = list(model.parameters())
@@ -64,7 +67,7 @@ def bench(model_name: str, n_edits: int, repeats: int, editor_dir: str | None) -
             if i >= 3:  # warm-up
                 times[kind].append(dt)
     e, f = statistics.median(times["edit"]), statistics.median(times["fwd_bwd"])
-    return {"model": model_name, "n_edits": n_edits, "edit_ms": round(e, 2), "fwd_bwd_ms": round(f, 2),
+    return {"model": model_name, "n_edits": n_edits, "editor": source, "edit_ms": round(e, 2), "fwd_bwd_ms": round(f, 2),
             "ratio": round(e / f, 3), "repeats": repeats, "threads": torch.get_num_threads()}
 
 
@@ -73,7 +76,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["tiny-gpt2", "tiny-llama", "tiny-t5"])
     ap.add_argument("--n-edits", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--editor-dir", default=None, help="a trained editor (default: a freshly initialised MEND)")
+    ap.add_argument("--editor-dir", default=None,
+                    help="a trained editor (default: checkpoints/mend-<model>-synthetic, else a fresh MEND)")
     ap.add_argument("--out", default="results/bench-edit-speed.json")
     args = ap.parse_args()
     rows = [bench(m, n, args.repeats, args.editor_dir) for m in args.models for n in args.n_edits]

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+)
 
 from metaedit.models.inner_params import resolve_inner_params
 from metaedit.models.loading import CONFIG_DIR

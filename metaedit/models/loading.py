@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,10 @@ def load_model_config(name: str) -> dict[str, Any]:
 
 
 def tiny_model_dir(model_cfg: dict[str, Any], cache_dir: str | Path | None = None) -> Path:
-    return Path(cache_dir or default_cache_dir()) / "tiny" / model_cfg["name"]
+    # The recipe's hash is part of the name: changing the architecture or world never reuses a stale build.
+    recipe = json.dumps(model_cfg["tiny"], sort_keys=True)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:8]
+    return Path(cache_dir or default_cache_dir()) / "tiny" / f"{model_cfg['name']}-{digest}"
 
 
 def _model_path(model_cfg: dict[str, Any], cache_dir: str | Path | None) -> str | Path:

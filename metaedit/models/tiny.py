@@ -159,7 +159,7 @@ def build_tiny_model(
         model = auto.from_config(cfg)
         formatter = Formatter(tokenizer, family, decoder_start_token_id=getattr(cfg, "decoder_start_token_id", None))
         acc = pretrain(model, formatter, pretraining_pairs(w), **(pretraining or {}))
-        info = {"arch": arch, "family": family, "world": world, "exact_acc": acc, "seconds": round(time.time() - t0, 1)}
+        info = {"arch": arch, "family": family, "config": config or {}, "world": world, "exact_acc": acc, "seconds": round(time.time() - t0, 1)}
         with atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -70,6 +70,6 @@ class FTLEditor(FTEditor):
         inner_params: Sequence[InnerParam],
         steps: int = 100,
         lr: float = 1e-3,
-        linf: float = 5e-3,
+        linf: float = 1e-2,
     ) -> None:
         super().__init__(model, inner_params, steps=steps, lr=lr, linf=linf)
