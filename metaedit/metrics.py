@@ -48,14 +48,24 @@ def greedy_relabel(logits_fn: Callable[[LMBatch], Tensor], batch: LMBatch) -> LM
     return out
 
 
+def post_edit_logits(edited: EditedModel, *batches: LMBatch) -> list[Tensor]:
+    """Logits of the edited model for several batches in ONE forward pass (rows stacked)."""
+    logits = edited.logits(LMBatch.concat(batches))
+    out, start = [], 0
+    for b in batches:
+        out.append(logits[start : start + len(b), : b.width])
+        start += len(b)
+    return out
+
+
 def outer_losses(editor: Editor, batch: EditBatch) -> tuple[Tensor, Tensor, Tensor, EditedModel, Tensor]:
     """Apply the editor and return (L_edit on in-scope rephrases, L_loc KL, pre-edit loc logits,
     edited model, post-edit in-scope logits)."""
     edited = editor.apply_edits(batch.edit, batch.requests)
-    post_in = edited.logits(batch.inscope)
+    post_in, post_loc = post_edit_logits(edited, batch.inscope, batch.loc)
     l_edit = nll(post_in, batch.inscope.targets)
     pre_loc = editor.base_logits(batch.loc)
-    l_loc = token_kl(pre_loc, edited.logits(batch.loc), batch.loc.kl_mask)
+    l_loc = token_kl(pre_loc, post_loc, batch.loc.kl_mask)
     return l_edit, l_loc, pre_loc, edited, post_in
 
 
@@ -68,17 +78,14 @@ def _sync(device: torch.device) -> None:
 def evaluate_edit_batch(editor: Editor, batch: EditBatch) -> dict[str, Tensor]:
     """Per-example outcomes for one batch of edits applied together, plus edit_ms and the losses."""
     loc_pred = greedy_relabel(editor.base_logits, batch.loc)
-    pre_gold = exact_correct(editor.base_logits(batch.loc), batch.loc.targets)
+    pre_loc = editor.base_logits(batch.loc)
+    pre_gold = exact_correct(pre_loc, batch.loc.targets)
     _sync(editor.device)
     t0 = time.perf_counter()
     edited = editor.apply_edits(batch.edit, batch.requests)
     _sync(editor.device)
     edit_ms = (time.perf_counter() - t0) * 1000
-    post_edit = edited.logits(batch.edit)
-    post_in = edited.logits(batch.inscope)
-    post_pred = edited.logits(loc_pred)
-    post_gold = edited.logits(batch.loc)
-    pre_loc = editor.base_logits(batch.loc)
+    post_edit, post_in, post_pred, post_gold = post_edit_logits(edited, batch.edit, batch.inscope, loc_pred, batch.loc)
     return {
         "edit_exact": exact_correct(post_edit, batch.edit.targets).float(),
         "edit_token": token_correct(post_edit, batch.edit.targets),

@@ -129,6 +129,8 @@ class EditorSystem(pl.LightningModule):
         s = self._val.summary()
         if not s:
             return
+        # The shared selection criterion for every method (early stopping, best editor): the weighted
+        # sum of the two outer losses, not a method's training objective (which may carry state).
         loss = self.c_edit * s["loss_edit"] + self.c_loc * s["loss_loc"]
         values = {f"val/{k}": s[k] for k in ("edit_acc", "rephrase_acc", "loc_retain", "drawdown", "edit_ms")}
         values.update({"val/loss_edit": s["loss_edit"], "val/loss_loc": s["loss_loc"], "val/loss": loss})

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             EarlyStopping(monitor="val/loss", patience=cfg.patience, mode="min"),
         ]
         logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
-        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        extra: dict[str, Any] = {}
+        if cfg.get("time_budget_s"):
+            # The whole command (base build/load, training, final evaluation) fits the budget:
+            # training gets what is left after loading, minus a reserve for the evaluation.
+            left = cfg.time_budget_s - (time.perf_counter() - t_start) - cfg.eval_reserve_s
+            extra["max_time"] = timedelta(seconds=max(30.0, left))
+            log.info("time budget: training stops after %.0f s", extra["max_time"].total_seconds())
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **extra)
         last = run_dir / "last.ckpt"
         ckpt = str(last) if cfg.resume and last.is_file() else None
         if ckpt:
             log.info("resuming from %s", ckpt)
-        trainer.fit(system, datamodule=data, ckpt_path=ckpt)
+        # weights_only: resuming never unpickles (the checkpoint holds only tensors and plain state).
+        trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)
         # The final state is a resume point too (e.g. to continue with a larger max_steps).
         trainer.save_checkpoint(f"{last}.tmp")
         is_rank_zero = trainer.is_global_zero

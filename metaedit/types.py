@@ -74,6 +74,30 @@ class LMBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def width(self) -> int:
+        """Number of logits positions (what `targets` is aligned with)."""
+        return int(self.targets.shape[1])
+
+    @staticmethod
+    def concat(batches: Sequence[LMBatch]) -> LMBatch:
+        """Stack the rows of several batches (right-padded to a common width) for one forward pass.
+
+        Right padding is masked out and leaves every real position's logits unchanged, so the logits
+        of batch i are rows/columns [offset_i : offset_i + len_i, : batches[i].width] of the result.
+        """
+        pad_value = {"targets": -100}  # masks pad with 0; padded ids are never attended to
+
+        def cat(name: str) -> Tensor | None:
+            parts = [getattr(b, name) for b in batches]
+            if parts[0] is None:
+                return None
+            width = max(p.shape[1] for p in parts)
+            value = pad_value.get(name, 0)
+            return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
+
+        return LMBatch(**{name: cat(name) for name in LMBatch.__dataclass_fields__})  # type: ignore[arg-type]
+
 
 @dataclass
 class EditBatch:

@@ -1,4 +1,4 @@
-"""Markdown table of every run's test metrics: python scripts/results_table.py [checkpoints] > table.md"""
+"""Markdown table of test metrics JSONs: python scripts/results_table.py [results/synthetic]"""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "checkpoints")
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/synthetic")
     rows = []
-    for path in sorted(root.glob("*/eval-*-test.json")):
+    for path in sorted(root.glob("*.json")):
         r = json.loads(path.read_text())
         m = r["metrics"]
-        train_s = f"{r['train_seconds'] / 60:.1f} min" if "train_seconds" in r else ""
+        train_s = f"{r['train_seconds'] / 60:.1f} min" if r.get("train_seconds") and r["method"] not in ("ft", "ftl") else "—"
         rows.append((r["model"], r["method"], m, int(m["n_edits"]), train_s))
     print("| model | method | edit_acc | rephrase_acc | loc_retain | drawdown | edit_ms | test edits | train wall time |")
     print("|---|---|---|---|---|---|---|---|---|")

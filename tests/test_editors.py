@@ -117,3 +117,18 @@ def test_edit_refuses_bad_requests(make_editor):
         ed.edit([("The capital of X is", "")])
     with pytest.raises(MetaEditError, match="at least one request"):
         ed.edit([])
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])
+def test_one_stacked_forward_matches_separate_forwards(make_editor, name):
+    """The outer loop evaluates rephrases and locality inputs in one forward; padding must not leak."""
+    from metaedit.metrics import post_edit_logits
+
+    ed = make_editor("ft", name, steps=3)
+    edited = ed.edit(requests(1))
+    short = ed.formatter.batch(["People in Kolar speak"], ["Velese"])
+    long = ed.formatter.batch(*zip(*requests(3)))
+    a, b = post_edit_logits(edited, short, long)
+    assert a.shape[:2] == (1, short.width) and b.shape[:2] == (3, long.width)
+    assert torch.allclose(a, edited.logits(short), atol=1e-5)
+    assert torch.allclose(b, edited.logits(long), atol=1e-5)

@@ -126,13 +126,14 @@ def pretrain(
 
 @torch.no_grad()
 def exact_accuracy(model: PreTrainedModel, formatter: Formatter, pairs: list[tuple[str, str]], bs: int = 512) -> float:
+    was_training = model.training
     model.eval()
     hits = 0
     for i in range(0, len(pairs), bs):
         chunk = pairs[i : i + bs]
         batch = formatter.batch([p for p, _ in chunk], [t for _, t in chunk])
         hits += int(exact_correct(forward_logits(model, batch), batch.targets).sum())
-    model.train()
+    model.train(was_training)  # leave the model in the mode it came in (a frozen base stays in eval)
     return hits / len(pairs)
 
 
