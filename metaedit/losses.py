@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -37,12 +36,3 @@ def token_correct(logits: Tensor, targets: Tensor) -> Tensor:
     valid = targets != -100
     hit = (logits.argmax(-1) == targets) & valid
     return hit.sum(-1).float() / valid.sum(-1).clamp_min(1).float()
-
-
-@torch.no_grad()
-def mean_target_logprob(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per example: mean log-probability per target token (CounterFact's scoring)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    valid = targets != -100
-    tok = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
-    return tok.sum(-1) / valid.sum(-1).clamp_min(1)
