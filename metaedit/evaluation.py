@@ -24,13 +24,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def evaluate_editor(editor: Editor, data: EditDataModule, split: str = "test", limit: int | None = None) -> dict[str, Any]:
-    """Exact-mode metrics (and token-mode beside them, labelled) over `split`."""
+def evaluate_editor(
+    editor: Editor, data: EditDataModule, split: str = "test", limit: int | None = None, fluency_tokens: int = 0,
+    time_reference: bool = False,
+) -> dict[str, Any]:
+    """Exact-mode metrics (and token-mode beside them, labelled) over `split`; CounterFact scores when
+    the records have true objects, fluency from `fluency_tokens`-token generations when > 0."""
     acc = MetricAccumulator()
     editor.eval()
     device = editor.device
     for batch in data.loader(split, limit=limit, shuffle=False):
-        acc.add(evaluate_edit_batch(editor, batch.to(device)))
+        acc.add(evaluate_edit_batch(editor, batch.to(device), fluency_tokens, time_reference))
     metrics = acc.summary()
     metrics["peak_mem_mb"] = peak_memory_mb(device)
     return {
@@ -55,6 +59,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"  token mode: edit_acc {t['edit_acc']:.3f}  rephrase_acc {t['rephrase_acc']:.3f}  loc_retain {t['loc_retain']:.3f}",
         f"  edit_ms {m['edit_ms']:.1f}  peak_mem_mb {m['peak_mem_mb']:.0f}",
     ]
+    if "es" in m:
+        lines.insert(3, f"  counterfact: es {m['es']:.3f}  ps {m['ps']:.3f}  ns {m['ns']:.3f}  score {m['score']:.3f}"
+                        + (f"  fluency {m['fluency']:.3f}" if "fluency" in m else ""))
     return "\n".join(lines)
 
 
@@ -68,9 +75,10 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
     from metaedit.editors.io import load_editor, resolve_editor_dir
 
     editor_dir = resolve_editor_dir(cfg.editor)
-    editor = load_editor(editor_dir, force=cfg.force, device=cfg.device)
+    editor = load_editor(editor_dir, force=cfg.force, device=cfg.device, cache_dir=cfg.paths.cache_dir)
     data = instantiate(cfg.data, formatter=editor.formatter, eval_n_edits=cfg.n_edits, _recursive_=False)
-    report = evaluate_editor(editor, data, split=cfg.split, limit=cfg.limit)
+    report = evaluate_editor(editor, data, split=cfg.split, limit=cfg.limit, fluency_tokens=cfg.fluency_tokens,
+                             time_reference=cfg.time_reference)
     out = Path(cfg.output) if cfg.output else editor_dir / f"eval-{data.name}-{cfg.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

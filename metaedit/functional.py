@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -27,9 +27,23 @@ def forward_logits(model: nn.Module, batch: LMBatch, params: Mapping[str, Tensor
     so the graph flows into `params` (meta-training) while the base module stays untouched.
     """
     kwargs = batch.model_kwargs()
-    if params:
-        return logits_of(functional_call(model, dict(params), args=(), kwargs=kwargs, strict=False))
-    return logits_of(model(**kwargs))
+    with replay_prefix(model, batch, params or {}):
+        if params:
+            return logits_of(functional_call(model, dict(params), args=(), kwargs=kwargs, strict=False))
+        return logits_of(model(**kwargs))
+
+
+def replay_prefix(model: nn.Module, batch: LMBatch, params: Mapping[str, Tensor]) -> AbstractContextManager[Any]:
+    """Replay only the tail of the model when the batch carries its prefix and no overridden
+    parameter lies before it; otherwise a no-op (the full forward runs)."""
+    if batch.prefix is None:
+        return nullcontext()
+    from metaedit.prefix import runner_for
+
+    runner = runner_for(model)
+    if runner is None or not runner.covers(params):
+        return nullcontext()
+    return runner.replay(batch.prefix)
 
 
 @contextmanager
@@ -83,6 +97,12 @@ class EditedModel(nn.Module):
 
     def detached(self) -> EditedModel:
         return EditedModel(self.base, {k: v.detach() for k, v in self.params.items()})
+
+    def save_pretrained(self, directory: str, tokenizer: Any | None = None) -> None:
+        """A normal transformers checkpoint of the edited model (loadable without metaedit)."""
+        self.merged().save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
 
     def merged(self) -> nn.Module:
         """A deep copy of the base model with the edit written into its weights."""

@@ -36,3 +36,10 @@ def token_correct(logits: Tensor, targets: Tensor) -> Tensor:
     valid = targets != -100
     hit = (logits.argmax(-1) == targets) & valid
     return hit.sum(-1).float() / valid.sum(-1).clamp_min(1).float()
+
+
+def mean_target_logprob(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per example: mean per-token log-probability of the target string (CounterFact's comparison)."""
+    valid = targets != -100
+    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (logp * valid).sum(-1) / valid.sum(-1).clamp_min(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -12,6 +13,7 @@ import torch
 from metaedit.editors.base import Editor
 from metaedit.losses import exact_correct
 from metaedit.metrics import MetricAccumulator, evaluate_edit_batch, outer_losses
+from metaedit.prefix import PrefixCache, frozen_prefix
 from metaedit.types import EditBatch
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class EditorSystem(pl.LightningModule):
         max_nonfinite: int = 10,
         schedule: str = "constant",
         warmup_steps: int = 0,
+        prefix_cache: bool = True,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -53,6 +56,12 @@ class EditorSystem(pl.LightningModule):
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self._val = MetricAccumulator()
+        # Frozen-prefix replay (metaedit.prefix): the base's blocks before the first inner param are
+        # run once per distinct input for the whole run instead of in every step.
+        runner = frozen_prefix(editor.model, [p.name for p in editor.inner_params]) if prefix_cache else None
+        self.prefix = PrefixCache(runner) if runner is not None else None
+        if self.prefix is not None:
+            log.info("frozen-prefix replay: blocks before %s.%d run once per input", runner.blocks_name, runner.start)
 
     def train(self, mode: bool = True) -> EditorSystem:
         # The base model stays in eval mode: dropout in it would make L_loc measure noise.
@@ -80,6 +89,9 @@ class EditorSystem(pl.LightningModule):
         return batch.to(device)
 
     def _objective(self, batch: EditBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.prefix is not None:
+            batch = replace(batch, edit=self.prefix.attach(batch.edit), inscope=self.prefix.attach(batch.inscope),
+                            loc=self.prefix.attach(batch.loc))
         l_edit, l_loc, _, edited, post_in = outer_losses(self.editor, batch)
         loss = self.editor.outer_objective(l_edit, l_loc, self.c_edit, self.c_loc)
         logs = {"loss_edit": l_edit.detach(), "loss_loc": l_loc.detach()}

@@ -51,7 +51,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     is_rank_zero = True
     if editor.trainable():
-        system = EditorSystem(editor, **_plain(cfg.method.loss), **_plain(cfg.method.optim))
+        system = EditorSystem(editor, **_plain(cfg.method.loss), **_plain(cfg.method.optim), prefix_cache=cfg.prefix_cache)
         callbacks = [
             AtomicModelCheckpoint(dirpath=run_dir, filename="last", save_last=False, save_top_k=1,
                                   every_n_train_steps=cfg.checkpoint_every_n_steps, enable_version_counter=False),
@@ -85,10 +85,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_editor(editor, run_dir / "best")
 
     train_seconds = round(time.perf_counter() - t_start, 1)
+    if is_rank_zero:
+        steps = int(system.global_step) if editor.trainable() else 0
+        (run_dir / "train_info.json").write_text(json.dumps({"train_seconds": train_seconds, "steps": steps}))
     if not (cfg.evaluate_after and is_rank_zero):
         return {}
     best = load_editor(run_dir, model=model, tokenizer=tokenizer)
-    report = evaluate_editor(best, data, split=cfg.eval_split, limit=cfg.get("eval_limit"))
+    report = evaluate_editor(best, data, split=cfg.eval_split, limit=cfg.get("eval_limit"), fluency_tokens=cfg.fluency_tokens)
     # Wall time of this process up to the end of training (model load/build included, evaluation not).
     report["train_seconds"] = train_seconds
     (run_dir / f"eval-{data.name}-{cfg.eval_split}.json").write_text(json.dumps(report, indent=1))

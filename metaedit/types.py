@@ -59,6 +59,9 @@ class LMBatch:
     kl_mask: Tensor
     decoder_input_ids: Tensor | None = None
     decoder_attention_mask: Tensor | None = None
+    # Hidden states entering the first edited block ([rows, positions, d]), when a frozen-prefix
+    # replay applies (metaedit.prefix); forward passes then run only the blocks from there on.
+    prefix: Tensor | None = None
 
     def model_kwargs(self) -> dict[str, Tensor]:
         kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
@@ -90,11 +93,13 @@ class LMBatch:
 
         def cat(name: str) -> Tensor | None:
             parts = [getattr(b, name) for b in batches]
-            if parts[0] is None:
-                return None
+            if any(p is None for p in parts):
+                return None  # e.g. a prefix that only some batches carry: run all rows in full
             width = max(p.shape[1] for p in parts)
             value = pad_value.get(name, 0)
-            return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
+            # Pad the positions axis (dim 1); a prefix has a feature axis after it.
+            return torch.cat([torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1]), value=value)
+                              for p in parts])
 
         return LMBatch(**{name: cat(name) for name in LMBatch.__dataclass_fields__})  # type: ignore[arg-type]
 
@@ -115,6 +120,12 @@ class EditBatch:
     inscope_owner: Tensor
     loc_prompts: list[str]
     loc_answers: list[str] = field(default_factory=list)
+    # CounterFact comparisons (evaluation only, when every record has a true object): the edit
+    # prompts and rephrases scored with the *true* object, the out-of-scope prompts with the *new* one.
+    edit_true: LMBatch | None = None
+    inscope_true: LMBatch | None = None
+    loc_new: LMBatch | None = None
+    generation_prompts: list[str] = field(default_factory=list)
 
     @property
     def n_edits(self) -> int:
@@ -127,4 +138,5 @@ class EditBatch:
             inscope=self.inscope.to(device),
             loc=self.loc.to(device),
             inscope_owner=self.inscope_owner.to(device),
+            **{k: getattr(self, k).to(device) for k in ("edit_true", "inscope_true", "loc_new") if getattr(self, k) is not None},
         )

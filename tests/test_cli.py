@@ -42,7 +42,7 @@ def test_train_then_evaluate_writes_metrics(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["mode"] == "exact" and report["split"] == "test" and report["metrics"]["n_edits"] == 6
-    for key in ("edit_acc", "rephrase_acc", "loc_retain", "drawdown", "edit_ms", "peak_mem_mb"):
+    for key in ("edit_acc", "rephrase_acc", "loc_retain", "drawdown", "edit_ms", "peak_mem_mb", "es", "ps", "ns", "score"):
         assert key in report["metrics"]
     assert "exact mode" in res.stdout and "token mode" in res.stdout
 
@@ -56,7 +56,7 @@ def test_evaluate_refuses_a_missing_editor(tmp_path):
 def test_killed_training_resumes_from_last_checkpoint(tmp_path):
     args = [sys.executable, "train.py", "method=mend", "model=tiny-gpt2", "trainer.max_steps=400",
             "checkpoint_every_n_steps=4", "trainer.val_check_interval=1000", "evaluate_after=false", "logger=none",
-            "trainer.enable_progress_bar=false", f"paths.root_dir={tmp_path}"]
+            "trainer.enable_progress_bar=false", "data=synthetic", f"paths.root_dir={tmp_path}"]
     last = tmp_path / "checkpoints" / "mend-tiny-gpt2-synthetic" / "last.ckpt"
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -84,7 +84,7 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_cpu_trains_a_few_steps(tmp_path):
-    res = run_cli(["train.py", "trainer=ddp_cpu", "method=mend", "model=tiny-gpt2", *FAST], tmp_path, timeout=900)
+    res = run_cli(["train.py", "trainer=ddp_cpu", "method=mend", "model=tiny-gpt2", "data=synthetic", *FAST], tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr
     assert "distributed_backend=gloo" in out and "All distributed processes registered" in out
@@ -92,7 +92,7 @@ def test_ddp_cpu_trains_a_few_steps(tmp_path):
 
 
 def test_ft_has_nothing_to_train_but_is_evaluated(tmp_path):
-    res = run_cli(["train.py", "method=ft", "model=tiny-gpt2", "eval_limit=3", "logger=none"], tmp_path)
+    res = run_cli(["train.py", "method=ft", "model=tiny-gpt2", "data=synthetic", "eval_limit=3", "logger=none"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "has nothing to train" in res.stderr + res.stdout
     assert "ft on tiny-gpt2 / synthetic:test (3 edits" in res.stdout

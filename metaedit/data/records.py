@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -46,7 +47,7 @@ def validate_record(rec: Any, where: str) -> dict[str, Any]:
     return rec
 
 
-def load_records(path: str | Path) -> list[dict[str, Any]]:
+def read_json_list(path: str | Path) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         raise MetaEditError(f"data file not found: {path}")
@@ -56,7 +57,12 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         raise MetaEditError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
         raise MetaEditError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return [validate_record(rec, f"{path}: record {i}") for i, rec in enumerate(data)]
+    return data
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records already in the internal format, validated."""
+    return [validate_record(rec, f"{path}: record {i}") for i, rec in enumerate(read_json_list(path))]
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -71,3 +77,10 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def hash_split(key: str, seed: int, val_frac: float, test_frac: float) -> str:
+    """train / val / test for a key (a subject, a case id), from a hash: deterministic, and a key's
+    split never depends on which other keys exist."""
+    u = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"

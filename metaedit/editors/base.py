@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from metaedit.data.formatting import Formatter
-from metaedit.functional import EditedModel, forward_logits
+from metaedit.functional import EditedModel, forward_logits, swapped_params
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
 
@@ -76,6 +76,27 @@ class Editor(nn.Module, ABC):
             return self.apply_edits(batch, reqs).detached()
         finally:
             self.train(was_training)
+
+    def edit_sequential(
+        self,
+        requests: Iterable[EditRequest | Mapping[str, Any] | Sequence[str]],
+        after_each: Callable[[int, EditedModel], None] | None = None,
+    ) -> EditedModel:
+        """Apply requests one at a time, each to the model as already edited by the previous ones.
+
+        The running edit is swapped into the base for the duration of each step (and restored in
+        `finally`), so the editor sees the edited weights while the caller's model stays unchanged.
+        `after_each(k, edited)` is called after the k-th edit (e.g. to evaluate).
+        """
+        params: dict[str, Tensor] = {}
+        for k, request in enumerate(requests):
+            current = {n: nn.Parameter(v, requires_grad=False) for n, v in params.items()}
+            with swapped_params(self.model, current):
+                step = self.edit([request])
+            params.update(step.params)
+            if after_each is not None:
+                after_each(k, EditedModel(self.model, params))
+        return EditedModel(self.model, params)
 
     @property
     def device(self) -> torch.device:

@@ -88,8 +88,10 @@ def load_editor(
     tokenizer: Any | None = None,
     force: bool = False,
     device: str | torch.device | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Editor:
-    """Load a saved editor onto `model`, or onto the base model its checkpoint names."""
+    """Load a saved editor onto `model`, or onto the base model its checkpoint names (built or
+    converted models are looked up in `cache_dir`, default $METAEDIT_CACHE or ~/.cache/metaedit)."""
     path = resolve_editor_dir(path)
     try:
         config = json.loads((path / CONFIG).read_text())
@@ -98,9 +100,9 @@ def load_editor(
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise MetaEditError(f"{path / CONFIG}: unreadable editor config ({e!r})") from None
     if model is None:
-        model, tokenizer = load_base_model(model_cfg)
+        model, tokenizer = load_base_model(model_cfg, cache_dir)
     elif tokenizer is None:
-        tokenizer = load_tokenizer(model_cfg)
+        tokenizer = load_tokenizer(model_cfg, cache_dir)
     if device is not None:
         model.to(device)
     found = fingerprint(model)

@@ -60,9 +60,13 @@ def _model_path(model_cfg: dict[str, Any], cache_dir: str | Path | None) -> str 
         from metaedit.models.tiny import build_tiny_model
 
         return build_tiny_model(tiny_model_dir(model_cfg, cache_dir), family=family, **model_cfg["tiny"])
+    if model_cfg.get("gguf"):
+        from metaedit.models.gguf import convert_gguf
+
+        return convert_gguf(model_cfg["name"], model_cfg["gguf"], cache_dir or default_cache_dir())
     if model_cfg.get("pretrained"):
         return model_cfg["pretrained"]
-    raise MetaEditError(f"model {model_cfg.get('name')!r}: give either 'pretrained' or 'tiny'")
+    raise MetaEditError(f"model {model_cfg.get('name')!r}: give one of 'pretrained', 'gguf' or 'tiny'")
 
 
 def load_tokenizer(model_cfg: dict[str, Any], cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:

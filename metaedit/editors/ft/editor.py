@@ -12,6 +12,7 @@ from metaedit.editors.base import Editor
 from metaedit.functional import EditedModel, forward_logits
 from metaedit.losses import exact_correct, nll
 from metaedit.models.inner_params import InnerParam
+from metaedit.prefix import frozen_prefix, with_prefix
 from metaedit.types import EditRequest, LMBatch
 
 
@@ -33,8 +34,9 @@ class FTEditor(Editor):
         linf: float | None = None,
     ) -> None:
         super().__init__(model, inner_params)
-        if steps < 1 or lr <= 0 or (linf is not None and linf <= 0):
-            raise ValueError(f"ft needs steps >= 1, lr > 0 and linf > 0 or null; got {steps}, {lr}, {linf}")
+        # steps=0 is the unedited model, evaluated through the same code (the benchmark's base row).
+        if steps < 0 or lr <= 0 or (linf is not None and linf <= 0):
+            raise ValueError(f"ft needs steps >= 0, lr > 0 and linf > 0 or null; got {steps}, {lr}, {linf}")
         self.steps, self.lr, self.linf = steps, lr, linf
 
     def hparams(self) -> dict[str, Any]:
@@ -42,6 +44,9 @@ class FTEditor(Editor):
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
         originals = {p.name: self.model.get_parameter(p.name).detach() for p in self.inner_params}
+        # The blocks before the first inner param never change: run them once, then every step
+        # replays only the tail (metaedit.prefix; a no-op where replay does not apply).
+        edit = with_prefix(frozen_prefix(self.model, list(originals)), edit)
         params = {n: w.clone().requires_grad_(True) for n, w in originals.items()}
         opt = torch.optim.Adam(params.values(), lr=self.lr)
         with torch.enable_grad():

@@ -1,0 +1,163 @@
+"""What `python bench.py` does: every available editor on the same held-out edits of one model and
+dataset, through the same evaluation code, each method in its own process (so `peak_mem_mb` is that
+method's own peak). Writes <out>.json, <out>.md and <out>-*.png."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from metaedit.editors.io import build_editor, save_editor
+from metaedit.editors.registry import EDITORS
+from metaedit.models.loading import CONFIG_DIR, load_base_model
+from metaedit.types import MetaEditError
+
+log = logging.getLogger(__name__)
+ROOT = CONFIG_DIR.parent
+COLUMNS = ["es", "ps", "ns", "score", "edit_acc", "rephrase_acc", "loc_retain", "drawdown", "fluency", "edit_ms",
+           "fwd_bwd_ms", "edit_over_fwd_bwd", "train_min", "peak_mem_mb", "n_edits"]
+
+
+def _method_hparams(method: str) -> dict[str, Any]:
+    return dict(yaml.safe_load((CONFIG_DIR / "method" / f"{method}.yaml").read_text()).get("editor") or {})
+
+
+def _run(args: list[str], log_path: Path) -> None:
+    """Run one of the project's entry points; its output goes to a log file named in any error."""
+    with open(log_path, "w") as f:
+        res = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy())
+    if res.returncode != 0:
+        raise MetaEditError(f"`{' '.join(args)}` failed (exit {res.returncode}); see {log_path}")
+
+
+def run_bench(cfg: DictConfig) -> dict[str, Any]:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model_cfg, dict)
+    out = Path(cfg.out)
+    work = Path(cfg.paths.checkpoint_dir) / "bench" / f"{cfg.model.name}-{cfg.data.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_base_model(model_cfg, cfg.paths.cache_dir)
+    # evaluate.py takes the base model from the editor's own config; train.py needs it named.
+    common = [f"data={cfg.data.name}", f"paths.root_dir={cfg.paths.root_dir}", f"paths.cache_dir={cfg.paths.cache_dir}"]
+    rows: list[dict[str, Any]] = []
+    for name in cfg.methods:
+        row: dict[str, Any] = {"method": name}
+        method = "ft" if name == "base" else name
+        if method not in EDITORS:
+            rows.append({**row, "status": f"not available in this version (valid: {sorted(EDITORS)})"})
+            continue
+        hparams = {**_method_hparams(method), **(cfg.overrides.get(name) or {})}
+        if name == "base":
+            hparams["steps"] = 0  # no edit: the pre-edit model through the same code
+        editor = build_editor(method, model, model_cfg, hparams, tokenizer=tokenizer)
+        if not editor.trainable():
+            editor_dir = work / name
+            save_editor(editor, editor_dir)
+            train_info: dict[str, Any] = {}
+        else:
+            editor_dir = Path(cfg.paths.checkpoint_dir) / f"{method}-{cfg.model.name}-{cfg.data.name}"
+            if not (editor_dir / "best").is_dir():
+                if not cfg.train_missing:
+                    rows.append({**row, "status": f"no trained checkpoint at {editor_dir} (train it, or train_missing=true)"})
+                    continue
+                log.info("training %s (log: %s)", method, work / f"{name}-train.log")
+                _run(["train.py", f"method={method}", f"model={cfg.model.name}", *common, "evaluate_after=false"], work / f"{name}-train.log")
+            info = editor_dir / "train_info.json"
+            train_info = json.loads(info.read_text()) if info.is_file() else {}
+        del editor
+        result = work / f"{name}-eval.json"
+        log.info("evaluating %s on %s edits (log: %s)", name, cfg.limit, work / f"{name}-eval.log")
+        t0 = time.perf_counter()
+        _run(["evaluate.py", f"editor={editor_dir}", *common, f"split={cfg.split}", f"limit={cfg.limit}",
+              f"fluency_tokens={cfg.fluency_tokens}", "time_reference=true", f"output={result}",
+              ], work / f"{name}-eval.log")
+        report = json.loads(result.read_text())
+        m = report["metrics"]
+        row.update({k: m[k] for k in COLUMNS if k in m})
+        if train_info:
+            row["train_min"] = round(train_info["train_seconds"] / 60, 1)
+            row["train_steps"] = train_info.get("steps")
+        row.update(status="ok", eval_seconds=round(time.perf_counter() - t0, 1), hparams=hparams,
+                   measured=time.strftime("%Y-%m-%d %H:%M"))
+        rows.append(row)
+        log.info("%s: %s", name, {k: row.get(k) for k in ("es", "ps", "ns", "score", "edit_ms")})
+    previous = out.with_suffix(".json")
+    if cfg.merge and previous.is_file():
+        # Keep the rows of methods not run this time (e.g. re-running only a newly trained editor).
+        ran = {r["method"] for r in rows}
+        old = json.loads(previous.read_text())
+        order = list(cfg.methods) + [r["method"] for r in old["rows"] if r["method"] not in cfg.methods]
+        by_name = {r["method"]: r for r in old["rows"] if r["method"] not in ran} | {r["method"]: r for r in rows}
+        rows = [by_name[m] for m in dict.fromkeys(order) if m in by_name]
+    result_doc = {
+        "model": cfg.model.name, "data": cfg.data.name, "split": cfg.split, "limit": cfg.limit, "mode": "exact",
+        "fluency_tokens": cfg.fluency_tokens, "command": " ".join(["python bench.py", *sys.argv[1:]]), "rows": rows,
+    }
+    (out.with_suffix(".json")).write_text(json.dumps(result_doc, indent=1))
+    (out.with_suffix(".md")).write_text(markdown_table(result_doc))
+    plot(result_doc, out)
+    print(markdown_table(result_doc), flush=True)
+    return result_doc
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    lines = [f"{doc['model']} / {doc['data']}:{doc['split']} — first {doc['limit']} edits, one at a time, "
+             f"accuracies in {doc['mode']} mode; made with `{doc['command']}`", "",
+             "| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in doc["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['method']} | {r.get('status')} |" + " |" * (len(COLUMNS) - 1))
+            continue
+        lines.append(f"| {r['method']} | " + " | ".join(_fmt(r.get(k)) for k in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], out: Path) -> None:
+    """One PNG per group of comparable metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["rows"] if r.get("status") == "ok"]
+    if not rows:
+        return
+    groups = {
+        "scores": ["es", "ps", "ns", "score"],
+        "accuracy": ["edit_acc", "rephrase_acc", "loc_retain"],
+        "fluency": ["fluency"],
+        "edit-ms": ["edit_ms", "fwd_bwd_ms"],
+        "training-min": ["train_min"],
+        "peak-mem-mb": ["peak_mem_mb"],
+    }
+    for tag, keys in groups.items():
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(rows) * len(keys) / 2, 3.2))
+        width = 0.8 / len(keys)
+        for j, k in enumerate(keys):
+            xs = [i + j * width for i in range(len(rows))]
+            ax.bar(xs, [float(r.get(k) or 0) for r in rows], width=width, label=k)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["method"] for r in rows])
+        ax.set_title(f"{doc['model']} / {doc['data']} ({doc['limit']} test edits): {tag}", fontsize=9)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{out}-{tag}.png", dpi=110)
+        plt.close(fig)

@@ -1,0 +1,54 @@
+"""CounterFact scores (es / ps / ns / score) and fluency on hand-made probabilities and texts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metaedit.losses import mean_target_logprob
+from metaedit.metrics import MetricAccumulator, harmonic_mean, ngram_entropy, prefers
+
+
+def logits_from_probs(rows: list[list[list[float]]]) -> torch.Tensor:
+    """[batch, positions, vocab] logits whose softmax is exactly the given probabilities."""
+    return torch.tensor(rows).log()
+
+
+def test_mean_target_logprob_averages_over_target_tokens_only():
+    logits = logits_from_probs([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]])
+    targets = torch.tensor([[-100, 1, 2]])  # two target tokens: p=0.8 then p=0.6
+    expected = (math.log(0.8) + math.log(0.6)) / 2
+    assert mean_target_logprob(logits, targets).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_prefers_compares_per_token_means_not_sums():
+    # "new" is one token at p=0.3; "true" is two tokens at p=0.5 each. The sums favour new
+    # (log .3 = -1.20 > 2·log .5 = -1.39), the per-token means favour true (-1.20 < -0.69).
+    new_logits = logits_from_probs([[[0.3, 0.7]]])
+    true_logits = logits_from_probs([[[0.5, 0.5], [0.5, 0.5]]])
+    assert prefers(new_logits, torch.tensor([[0]]), true_logits, torch.tensor([[0, 1]])).item() == 0.0
+    assert prefers(true_logits, torch.tensor([[0, 1]]), new_logits, torch.tensor([[0]])).item() == 1.0
+
+
+def test_scores_and_their_harmonic_mean():
+    acc = MetricAccumulator()
+    for es, ps, ns in [([1.0], [1.0, 0.0], [1.0, 1.0, 1.0, 0.0]), ([1.0], [1.0, 1.0], [1.0, 1.0, 0.0, 0.0])]:
+        acc.add({"edit_exact": torch.tensor(es), "edit_token": torch.tensor(es), "rephrase_exact": torch.tensor(ps),
+                 "rephrase_token": torch.tensor(ps), "loc_retain_exact": torch.tensor(ns), "loc_retain_token": torch.tensor(ns),
+                 "loc_pre_exact": torch.tensor(ns), "loc_post_exact": torch.tensor(ns), "edit_ms": torch.tensor([1.0]),
+                 "loss_edit": torch.tensor([0.0]), "loss_loc": torch.tensor([0.0]),
+                 "es": torch.tensor(es), "ps": torch.tensor(ps), "ns": torch.tensor(ns)})
+    s = acc.summary()
+    assert (s["es"], s["ps"], s["ns"]) == (1.0, 0.75, 0.625)
+    assert s["score"] == pytest.approx(3 / (1 / 1.0 + 1 / 0.75 + 1 / 0.625))
+    assert harmonic_mean(0.9, 0.0, 0.9) == 0.0
+
+
+def test_fluency_is_weighted_ngram_entropy():
+    # 4 distinct bigrams and 3 distinct trigrams, each once: H2 = 2 bits, H3 = log2(3).
+    text = "a b c d e"
+    assert ngram_entropy(text) == pytest.approx((2 / 3 * 2 + 4 / 3 * math.log2(3)) / 2)
+    assert ngram_entropy("Rome Rome Rome Rome Rome Rome") == 0.0
+    assert ngram_entropy("Rome is the capital of Italy and home to the Vatican") > ngram_entropy("Rome Rome Rome is is is")
