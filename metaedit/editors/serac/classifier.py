@@ -160,7 +160,8 @@ class ScopeClassifier(nn.Module):
         """Unit-norm embeddings [n, dim] (memory keys and inputs, embedding mode; mining in both)."""
         if not texts:
             return self._empty()
-        states, mask = self._frozen_states(texts) if self.frozen else self._token_states(texts)
+        memoise = self.frozen and self.training
+        states, mask = self._frozen_states(texts) if memoise else self._token_states(texts)
         return F.normalize(self._pool(states, mask), dim=-1)
 
     def _empty(self) -> Tensor:
