@@ -160,9 +160,15 @@ class ScopeClassifier(nn.Module):
         """Unit-norm embeddings [n, dim] (memory keys and inputs, embedding mode; mining in both)."""
         if not texts:
             return self._empty()
+        # Encode each distinct text once (a stacked evaluation batch repeats its locality prompts).
+        unique = list(dict.fromkeys(texts))
         memoise = self.frozen and self.training
-        states, mask = self._frozen_states(texts) if memoise else self._token_states(texts)
-        return F.normalize(self._pool(states, mask), dim=-1)
+        states, mask = self._frozen_states(unique) if memoise else self._token_states(unique)
+        emb = F.normalize(self._pool(states, mask), dim=-1)
+        if len(unique) == len(texts):
+            return emb
+        where = {t: i for i, t in enumerate(unique)}
+        return emb[torch.tensor([where[t] for t in texts], device=emb.device)]
 
     def _empty(self) -> Tensor:
         dim = self.proj.out_features if self.proj is not None else self.encoder.config.hidden_size * (self.heads + 1 if self.heads else 1)
