@@ -103,12 +103,15 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[1, 10, 100, 1000])
     ap.add_argument("--out", default="results/serac-many-edits.json")
     args = ap.parse_args()
-    results = [run(d, args.sizes) for d in args.editors]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "command": "python scripts/serac_many_edits.py --editors " + " ".join(args.editors)
-        + " --sizes " + " ".join(map(str, args.sizes)),
-        "mode": "exact", "split": "test", "results": results}, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Results for other editors already in the file are kept (one editor can be re-run alone).
+    previous = json.loads(out.read_text())["results"] if out.is_file() else []
+    for d in args.editors:
+        result = run(d, args.sizes)
+        result["command"] = f"python scripts/serac_many_edits.py --editors {d} --sizes " + " ".join(map(str, args.sizes))
+        previous = [r for r in previous if r["editor"] != d] + [result]
+        out.write_text(json.dumps({"mode": "exact", "split": "test", "results": previous}, indent=1))
 
 
 if __name__ == "__main__":

@@ -156,15 +156,17 @@ class ScopeClassifier(nn.Module):
             pooled = torch.cat([mean, heads], dim=-1)
         return self.proj(pooled) if self.proj is not None else pooled
 
-    def embed(self, texts: Sequence[str]) -> Tensor:
+    def embed(self, texts: Sequence[str], chunk: int = 256) -> Tensor:
         """Unit-norm embeddings [n, dim] (memory keys and inputs, embedding mode; mining in both)."""
         if not texts:
             return self._empty()
         # Encode each distinct text once (a stacked evaluation batch repeats its locality prompts).
         unique = list(dict.fromkeys(texts))
-        memoise = self.frozen and self.training
-        states, mask = self._frozen_states(unique) if memoise else self._token_states(unique)
-        emb = F.normalize(self._pool(states, mask), dim=-1)
+        if self.frozen and self.training:
+            emb = F.normalize(self._pool(*self._frozen_states(unique)), dim=-1)
+        else:  # chunks bound activation memory when a large memory is embedded at once
+            emb = torch.cat([F.normalize(self._pool(*self._token_states(unique[i : i + chunk])), dim=-1)
+                             for i in range(0, len(unique), chunk)])
         if len(unique) == len(texts):
             return emb
         where = {t: i for i, t in enumerate(unique)}
