@@ -50,7 +50,9 @@ class LMBatch:
 
     `targets` is aligned with the model's logits positions (already shifted for causal LMs), -100
     where no target token is predicted. `kl_mask` marks the positions the locality KL averages over
-    (the non-padding positions of the sequence whose logits are compared).
+    (the non-padding positions of the sequence whose logits are compared). `prompts` are the rows'
+    input texts (without target) when known: text-routed editors (SERAC) score them exactly, since
+    decoding a causal row would include the target tokens and a tokenizer round trip is lossy.
     """
 
     input_ids: Tensor
@@ -62,6 +64,7 @@ class LMBatch:
     # Hidden states entering the first edited block ([rows, positions, d]), when a frozen-prefix
     # replay applies (metaedit.prefix); forward passes then run only the blocks from there on.
     prefix: Tensor | None = None
+    prompts: list[str] | None = None
 
     def model_kwargs(self) -> dict[str, Tensor]:
         kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
@@ -91,7 +94,10 @@ class LMBatch:
         """
         pad_value = {"targets": -100}  # masks pad with 0; padded ids are never attended to
 
-        def cat(name: str) -> Tensor | None:
+        def cat(name: str) -> Tensor | list[str] | None:
+            if name == "prompts":
+                texts = [b.prompts for b in batches]
+                return None if any(t is None for t in texts) else [p for t in texts for p in t]  # type: ignore[union-attr]
             parts = [getattr(b, name) for b in batches]
             if any(p is None for p in parts):
                 return None  # e.g. a prefix that only some batches carry: run all rows in full

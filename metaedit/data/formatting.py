@@ -61,10 +61,13 @@ class Formatter:
             if not p.strip() or not t.strip():
                 raise MetaEditError(f"empty prompt or target in pair ({p!r}, {t!r})")
         if self.family == "causal_lm":
-            return self._causal(prompts, targets)
-        if self.family == "seq2seq_lm":
-            return self._seq2seq(prompts, targets)
-        return self._classifier(prompts, targets)
+            batch = self._causal(prompts, targets)
+        elif self.family == "seq2seq_lm":
+            batch = self._seq2seq(prompts, targets)
+        else:
+            batch = self._classifier(prompts, targets)
+        batch.prompts = list(prompts)
+        return batch
 
     def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
         width = max(len(r) for r in rows)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from metaedit.editors.base import Editor
 from metaedit.editors.ft import FTEditor, FTLEditor
 from metaedit.editors.mend import MENDEditor
+from metaedit.editors.serac import SERACEditor
 from metaedit.types import MetaEditError
 
 EDITORS: dict[str, type[Editor]] = {
     FTEditor.method: FTEditor,
     FTLEditor.method: FTLEditor,
     MENDEditor.method: MENDEditor,
+    SERACEditor.method: SERACEditor,
 }
 
 
