@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from metaedit.editors.base import Editor
+from metaedit.editors.enn import ENNEditor
 from metaedit.editors.ft import FTEditor, FTLEditor
+from metaedit.editors.ke import KEConstrainedEditor, KEEditor
 from metaedit.editors.mend import MENDEditor
 from metaedit.types import MetaEditError
 
@@ -11,6 +13,9 @@ EDITORS: dict[str, type[Editor]] = {
     FTEditor.method: FTEditor,
     FTLEditor.method: FTLEditor,
     MENDEditor.method: MENDEditor,
+    ENNEditor.method: ENNEditor,
+    KEEditor.method: KEEditor,
+    KEConstrainedEditor.method: KEConstrainedEditor,
 }
 
 
