@@ -154,7 +154,8 @@ class KEEditor(Editor):
     ) -> Tensor:
         if self.objective == "shared":
             return super().outer_objective(l_edit, l_loc, c_edit, c_loc, edit_success)
-        loss = c_edit * l_edit + self.lagrange * (l_loc - self.margin)
+        # Cloned: the loss uses this step's (λ, m), which dual_step then updates in place before backward.
+        loss = c_edit * l_edit + self.lagrange.clone() * (l_loc - self.margin.clone())
         if self.training and torch.is_grad_enabled():
             self.dual_step(l_loc.detach(), edit_success)
         return loss
