@@ -174,3 +174,17 @@ def test_enn_checkpoint_round_trips_and_holds_only_the_trained_subset(make_edito
         assert not any(t.shape == w.shape and torch.equal(t, w) for w in base.values())
     config = json.loads((tmp_path / "ed" / CONFIG).read_text())
     assert config["method"] == "enn" and config["hparams"]["train_pattern"]
+
+
+@pytest.mark.slow
+def test_train_py_selects_eager_attention_for_enn_end_to_end(tmp_path):
+    from tests.conftest import run_cli
+
+    res = run_cli(["train.py", "method=enn", "model=tiny-gpt2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   "trainer.limit_val_batches=1", "eval_limit=2", "logger=none", "trainer.enable_progress_bar=false"],
+                  tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "loading the base with attn_implementation='eager'" in res.stderr + res.stdout
+    config = json.loads((tmp_path / "checkpoints" / "enn-tiny-gpt2-synthetic" / "best" / CONFIG).read_text())
+    assert config["base_model"]["config"]["attn_implementation"] == "eager"  # load_editor reloads it the same way
+    assert "exact mode" in res.stdout
