@@ -7,7 +7,9 @@ Which methods: every name in the registry (`EDITORS`), so a method added later i
 without changing this script. A method is measured with its trained editor from
 `<checkpoints>/<method>-<model>-synthetic/` when there is one; a method with nothing to train (FT,
 FT-L) is built from its `configs/method/<method>.yaml`; a learned method without a checkpoint is
-listed as skipped.
+listed as skipped, or, with --fresh-missing,
+measured as a freshly built editor (same networks, same cost) and labelled "(untrained)". A
+checkpoint trained for another build of the base (fingerprint mismatch) counts as missing.
 
 Measured, per (method, model), each in a fresh child process (so one method's memory never counts
 for another):
@@ -60,24 +62,33 @@ def median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def measure(method: str, model_name: str, checkpoints: Path, repeats: int, data_dir: str) -> dict:
+def measure(method: str, model_name: str, checkpoints: Path, repeats: int, data_dir: str,
+            fresh_missing: bool = False) -> dict:
     """One (method, model) in this process: load, then edit, then train-step measurements."""
     from metaedit.data.datamodule import SyntheticEditData
     from metaedit.editors.io import build_editor, load_editor, model_config_for
     from metaedit.models.loading import load_base_model, load_model_config
     from metaedit.system import EditorSystem
+    from metaedit.types import MetaEditError
 
     run = checkpoints / f"{method}-{model_name}-synthetic"
+    editor, missing = None, f"no trained editor in {run}"
     if (run / "best").is_dir() or (run / "editor_config.json").is_file():
-        editor, source = load_editor(run), str(run)
-    else:
+        try:
+            editor, source = load_editor(run), str(run)
+        except MetaEditError as e:  # e.g. trained for another build of the base (fingerprint)
+            missing = f"unusable editor in {run}: {e}"
+    if editor is None:
         method_cfg = yaml.safe_load((ROOT / "configs" / "method" / f"{method}.yaml").read_text())
         model_cfg = model_config_for(method, load_model_config(model_name))
         model, tok = load_base_model(model_cfg)
         editor = build_editor(method, model, model_cfg, method_cfg.get("editor") or {}, tokenizer=tok)
         source = f"configs/method/{method}.yaml"
         if editor.trainable():
-            return {"method": method, "model": model_name, "skipped": f"no trained editor in {run}"}
+            if not fresh_missing:
+                return {"method": method, "model": model_name, "skipped": missing}
+            # Same networks and shapes as a trained editor, so the same cost; labelled in the table.
+            source = f"fresh, untrained ({missing})"
     world = {"seed": 0, "n_subjects": 200}
     data = SyntheticEditData(world=world, name="synthetic", data_dir=data_dir, formatter=editor.formatter,
                              n_edits=4, rephrases_per_edit=2, loc_per_edit=4, seed=0)
@@ -120,7 +131,8 @@ def table(rows: list[dict]) -> str:
             continue
         def fmt(v):
             return "—" if v is None else f"{v:.1f}"
-        lines.append(f"| {r['model']} | {r['method']} | {fmt(r['train_step_ms'])} | {fmt(r['edit_ms'])} | "
+        method = r["method"] + (" (untrained)" if r["editor"].startswith("fresh") else "")
+        lines.append(f"| {r['model']} | {method} | {fmt(r['train_step_ms'])} | {fmt(r['edit_ms'])} | "
                      f"{fmt(r['train_peak_mb'])} | {fmt(r['edit_peak_mb'])} |")
     return "\n".join(lines)
 
@@ -133,13 +145,16 @@ def main() -> None:
     ap.add_argument("--data-dir", default="data/synthetic-s0-n200")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
+    ap.add_argument("--fresh-missing", action="store_true",
+                    help="measure a learned method without a usable trained editor as a fresh (untrained) one")
     ap.add_argument("--out", default="results/bench-methods.json")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:  # child process: measure one pair, print its JSON row
-        print("ROW " + json.dumps(measure(args.one[0], args.one[1], Path(args.checkpoints), args.repeats, args.data_dir)))
+        row = measure(args.one[0], args.one[1], Path(args.checkpoints), args.repeats, args.data_dir, args.fresh_missing)
+        print("ROW " + json.dumps(row))
         return
 
     from metaedit.editors.registry import EDITORS
@@ -152,6 +167,8 @@ def main() -> None:
                    "--data-dir", args.data_dir, "--repeats", str(args.repeats)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            if args.fresh_missing:
+                cmd += ["--fresh-missing"]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             found = [ln[4:] for ln in res.stdout.splitlines() if ln.startswith("ROW ")]
             if res.returncode != 0 or not found:
