@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+def _upcast(x: Tensor) -> Tensor:
+    # Half-precision logits are upcast for a stable softmax; float64 stays float64 (finite-difference tests).
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def nll(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Token-level negative log-likelihood of `targets` (-100 ignored); mean or sum over tokens."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+    return F.cross_entropy(_upcast(logits.flatten(0, 1)), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
 def token_kl(pre_logits: Tensor, post_logits: Tensor, mask: Tensor) -> Tensor:
     """KL(p_pre ‖ p_post) per position, averaged over positions where `mask` is 1."""
-    pre = F.log_softmax(pre_logits.float(), dim=-1)
-    post = F.log_softmax(post_logits.float(), dim=-1)
+    pre = F.log_softmax(_upcast(pre_logits), dim=-1)
+    post = F.log_softmax(_upcast(post_logits), dim=-1)
     kl = (pre.exp() * (pre - post)).sum(-1)
     m = mask.to(kl.dtype)
     return (kl * m).sum() / m.sum().clamp_min(1.0)

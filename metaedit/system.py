@@ -93,12 +93,13 @@ class EditorSystem(pl.LightningModule):
             batch = replace(batch, edit=self.prefix.attach(batch.edit), inscope=self.prefix.attach(batch.inscope),
                             loc=self.prefix.attach(batch.loc))
         l_edit, l_loc, _, edited, post_in = outer_losses(self.editor, batch)
-        loss = self.editor.outer_objective(l_edit, l_loc, self.c_edit, self.c_loc)
+        success = exact_correct(post_in.detach(), batch.inscope.targets).float().mean()
+        loss = self.editor.outer_objective(l_edit, l_loc, self.c_edit, self.c_loc, edit_success=success)
         logs = {"loss_edit": l_edit.detach(), "loss_loc": l_loc.detach()}
         for name, term in self.editor.extra_losses(batch, edited).items():
             loss = loss + term
             logs[f"loss_{name}"] = term.detach()
-        logs["rephrase_acc"] = exact_correct(post_in.detach(), batch.inscope.targets).float().mean()
+        logs["rephrase_acc"] = success
         logs["loss"] = loss.detach()
         return loss, logs
 

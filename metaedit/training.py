@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
 from metaedit.callbacks import AtomicModelCheckpoint, SaveBestEditor
-from metaedit.editors.io import build_editor, load_editor, save_editor
+from metaedit.editors.io import build_editor, load_editor, model_config_for, save_editor
 from metaedit.evaluation import evaluate_editor, format_report
 from metaedit.models.loading import load_base_model
 from metaedit.system import EditorSystem
@@ -39,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Meta-train the configured editor; return the test report (or {} when evaluation is off)."""
     t_start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True)
-    model_cfg = _plain(cfg.model)
+    model_cfg = model_config_for(cfg.method.name, _plain(cfg.model))
     model, tokenizer = load_base_model(model_cfg, cfg.paths.cache_dir)
     editor = build_editor(cfg.method.name, model, model_cfg, _plain(cfg.method.editor) or {}, tokenizer=tokenizer)
     data = instantiate(cfg.data, formatter=editor.formatter, _recursive_=False)

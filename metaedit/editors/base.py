@@ -26,6 +26,10 @@ class Editor(nn.Module, ABC):
     """
 
     method: ClassVar[str]
+    # Attention implementation the method needs from the base model (e.g. "eager" where meta-training
+    # differentiates through a backward pass); the loading code selects it unless the model config
+    # names one explicitly. None: whatever the model config says.
+    attn_implementation: ClassVar[str | None] = None
 
     def __init__(self, model: PreTrainedModel, inner_params: Sequence[InnerParam]) -> None:
         super().__init__()
@@ -55,7 +59,11 @@ class Editor(nn.Module, ABC):
         """Method-specific terms added (already weighted) to the outer loss."""
         return {}
 
-    def outer_objective(self, l_edit: Tensor, l_loc: Tensor, c_edit: float, c_loc: float) -> Tensor:
+    def outer_objective(
+        self, l_edit: Tensor, l_loc: Tensor, c_edit: float, c_loc: float, edit_success: Tensor | None = None
+    ) -> Tensor:
+        """The training loss from the two outer losses; `edit_success` (the batch's exact in-scope
+        accuracy, no gradient) is there for objectives with a schedule that depends on it."""
         return c_edit * l_edit + c_loc * l_loc
 
     def trainable(self) -> bool:

@@ -26,6 +26,17 @@ WEIGHTS, CONFIG = "editor.safetensors", "editor_config.json"
 FORMAT_VERSION = 1
 
 
+def model_config_for(method: str, model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """`model_cfg` plus what the method's editor class declares it needs from the loaded base (an
+    attention implementation); an explicit choice in the model config wins."""
+    cls = editor_class(method)
+    out = dict(model_cfg)
+    if cls.attn_implementation and not out.get("attn_implementation"):
+        out["attn_implementation"] = cls.attn_implementation
+        log.info("method %s: loading the base with attn_implementation=%r", method, cls.attn_implementation)
+    return out
+
+
 def build_editor(
     method: str,
     model: PreTrainedModel,

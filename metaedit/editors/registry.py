@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from metaedit.editors.base import Editor
+from metaedit.editors.enn import ENNEditor
 from metaedit.editors.ft import FTEditor, FTLEditor
+from metaedit.editors.ke import KEConstrainedEditor, KEEditor
 from metaedit.editors.mend import MENDEditor
 from metaedit.editors.serac import SERACEditor
 from metaedit.types import MetaEditError
@@ -13,6 +15,9 @@ EDITORS: dict[str, type[Editor]] = {
     FTLEditor.method: FTLEditor,
     MENDEditor.method: MENDEditor,
     SERACEditor.method: SERACEditor,
+    ENNEditor.method: ENNEditor,
+    KEEditor.method: KEEditor,
+    KEConstrainedEditor.method: KEConstrainedEditor,
 }
 
 

@@ -1,0 +1,3 @@
+from metaedit.editors.enn.editor import ENNEditor
+
+__all__ = ["ENNEditor"]

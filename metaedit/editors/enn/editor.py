@@ -1,0 +1,128 @@
+"""ENN: Editable Neural Networks (Sinitsin et al. 2020), MAML-style meta-training of the base."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from metaedit.editors.base import Editor
+from metaedit.functional import EditedModel, forward_logits
+from metaedit.losses import nll, token_kl
+from metaedit.models.inner_params import InnerParam
+from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
+
+# Attention implementations whose backward is itself differentiable on every device.
+DOUBLE_BACKWARD_ATTENTION = ("eager",)
+
+
+class ENNEditor(Editor):
+    """θ' = θ − α ⊙ ∇_θ L(θ; z_e), k plain gradient steps on the edit loss, where θ (the inner params,
+    optionally a larger trained set) and one step size α per inner tensor are meta-trained so that
+    these steps make good edits.
+
+    The editor owns a trainable copy of θ (initialised from the base); the base model keeps the
+    original θ0, which the c_base term KL(p_θ0 ‖ p_θ) on out-of-scope inputs pulls θ back towards.
+    Locality of an edit is measured against the current meta-trained θ, not θ0.
+
+    Args:
+        edit_lr: initial step size α (stored as log α: positive, and spans orders of magnitude).
+        n_steps: inner gradient steps k.
+        first_order: detach the inner gradient (first-order MAML): dθ'/dθ = I, dθ'/dα = −∇L.
+        c_base: weight of KL(p_θ0 ‖ p_θ) on the locality inputs (the original stays frozen).
+        train_pattern: regex over base parameter names meta-trained in addition to the inner params
+            (trained, never edited); None trains only the inner params.
+    """
+
+    method = "enn"
+    # Second-order meta-training differentiates through a backward pass; fused SDPA kernels on CPU
+    # have no double backward, so the loading code gives this method eager attention.
+    attn_implementation: ClassVar[str | None] = "eager"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        inner_params: Sequence[InnerParam],
+        edit_lr: float = 1e-3,
+        n_steps: int = 1,
+        first_order: bool = False,
+        c_base: float = 1.0,
+        train_pattern: str | None = None,
+    ) -> None:
+        super().__init__(model, inner_params)
+        if edit_lr <= 0 or n_steps < 1 or c_base < 0:
+            raise MetaEditError(f"enn needs edit_lr > 0, n_steps >= 1, c_base >= 0; got {edit_lr}, {n_steps}, {c_base}")
+        self.edit_lr_init, self.n_steps, self.first_order = edit_lr, n_steps, first_order
+        self.c_base, self.train_pattern = c_base, train_pattern
+        inner_names = [p.name for p in self.inner_params]
+        extra: list[str] = []
+        if train_pattern is not None:
+            pattern = re.compile(train_pattern)
+            extra = [n for n, _ in model.named_parameters() if pattern.fullmatch(n) and n not in inner_names]
+            if not extra:
+                raise MetaEditError(f"enn train_pattern {train_pattern!r} matches no base parameter outside the inner params")
+        # Inner params first: the inner loop edits trained[:len(inner_params)].
+        self.trained_names: list[str] = inner_names + extra
+        self.theta = nn.ParameterList(
+            nn.Parameter(model.get_parameter(n).detach().clone()) for n in self.trained_names
+        )
+        self.log_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(edit_lr)).log())
+
+    def hparams(self) -> dict[str, Any]:
+        return {"edit_lr": self.edit_lr_init, "n_steps": self.n_steps, "first_order": self.first_order,
+                "c_base": self.c_base, "train_pattern": self.train_pattern}
+
+    def current_params(self) -> dict[str, Tensor]:
+        """The meta-trained θ (the editor's copy), by base parameter name."""
+        return {n: p.to(self.model.get_parameter(n).dtype) for n, p in zip(self.trained_names, self.theta)}
+
+    def base_logits(self, batch: LMBatch) -> Tensor:
+        # An edit must leave the *meta-trained* model unchanged elsewhere; θ0 enters only via c_base.
+        with torch.no_grad():
+            return forward_logits(self.model, batch, self.current_params())
+
+    def _check_attention(self) -> None:
+        impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        if impl is not None and impl not in DOUBLE_BACKWARD_ATTENTION:
+            raise MetaEditError(
+                f"enn second-order meta-training differentiates through a backward pass, which attention "
+                f"implementation {impl!r} does not support; load the base with attn_implementation='eager' "
+                f"(train.py does this for enn), or set method.editor.first_order=true"
+            )
+
+    def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
+        # The outer loss is differentiated only in meta-training (training mode, graph recorded); an
+        # edit at inference needs the inner gradient but never a graph through it.
+        meta = self.training and torch.is_grad_enabled() and self.trainable()
+        second_order = meta and not self.first_order
+        if second_order:
+            self._check_attention()
+        params = self.current_params()
+        names = self.trained_names[: len(self.inner_params)]
+        lrs = self.log_lrs.exp()
+        for _ in range(self.n_steps):
+            with torch.enable_grad():
+                # Second order: differentiate at the graph-carrying weights and keep that graph
+                # (create_graph), so the outer loss sees d∇L/dθ. Otherwise the gradient is taken at
+                # detached leaves and enters θ' as a constant: first-order MAML, dθ'/dθ = I.
+                at = {n: params[n] if second_order else params[n].detach().requires_grad_(True) for n in names}
+                view = {**params, **at} if second_order else {**{n: v.detach() for n, v in params.items()}, **at}
+                # Summed over target tokens so the per-edit step does not shrink as edits share a batch.
+                loss = nll(forward_logits(self.model, edit, view), edit.targets, reduction="sum")
+                grads = torch.autograd.grad(loss, list(at.values()), create_graph=second_order)
+            with torch.set_grad_enabled(meta):
+                for i, (n, g) in enumerate(zip(names, grads)):
+                    params[n] = params[n] - (lrs[i] * g).to(params[n].dtype)
+        return EditedModel(self.model, params)
+
+    def extra_losses(self, batch: EditBatch, edited: EditedModel) -> dict[str, Tensor]:
+        if self.c_base == 0:
+            return {}
+        with torch.no_grad():
+            original = forward_logits(self.model, batch.loc)
+        current = forward_logits(self.model, batch.loc, self.current_params())
+        return {"base": self.c_base * token_kl(original, current, batch.loc.kl_mask)}

@@ -1,0 +1,190 @@
+"""ENN: the meta-gradient is what its definition says (second and first order), a zero step is a
+no-op, eager attention is selected for it, and its checkpoint is the trained subset only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from metaedit import load_editor
+from metaedit.editors.enn import ENNEditor
+from metaedit.editors.io import CONFIG, WEIGHTS, model_config_for
+from metaedit.functional import forward_logits
+from metaedit.losses import exact_correct, nll
+from metaedit.models.inner_params import InnerParam
+from metaedit.models.loading import load_model_config
+from metaedit.types import LMBatch, MetaEditError
+from tests.test_editors import assert_unchanged, requests, snapshot
+
+
+class TinyMLP(nn.Module):
+    """A token-wise MLP LM: embeddings -> tanh(fc1) -> fc2 -> tied-free head. Smooth everywhere, so
+    finite differences in float64 are accurate to ~1e-8."""
+
+    def __init__(self, vocab: int = 11, d: int = 6, hidden: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)
+        return self.head(h + self.fc2(torch.tanh(self.fc1(h))))
+
+
+def lm_batch(ids: list[list[int]], targets: list[list[int]]) -> LMBatch:
+    ids_t = torch.tensor(ids)
+    mask = torch.ones_like(ids_t)
+    return LMBatch(ids_t, mask, torch.tensor(targets), mask.clone())
+
+
+def mlp_editor(**hparams) -> ENNEditor:
+    torch.manual_seed(0)
+    model = TinyMLP().double().requires_grad_(False)
+    inner = [InnerParam("fc1.weight", "fc1", 6, 8, False, "output"), InnerParam("fc2.weight", "fc2", 8, 6, False, "output")]
+    ed = ENNEditor(model, inner, **hparams).double()
+    with torch.no_grad():  # a "meta-trained" θ away from the base, and distinct step sizes
+        for p in ed.theta:
+            p.add_(0.1 * torch.randn_like(p))
+        ed.log_lrs.copy_(torch.tensor([0.3, 0.7]).log())
+    return ed
+
+
+EDIT = lm_batch([[1, 2, 3], [4, 5, 6]], [[-100, 7, 8], [-100, -100, 9]])
+INSCOPE = lm_batch([[2, 1, 3, 5]], [[-100, 7, 8, -100]])
+
+
+def outer_loss(ed: ENNEditor) -> torch.Tensor:
+    return nll(ed.apply_edits(EDIT, []).logits(INSCOPE), INSCOPE.targets)
+
+
+def finite_difference(ed: ENNEditor, tensor: torch.Tensor, index: tuple[int, ...], fn, eps: float = 1e-6) -> float:
+    with torch.no_grad():
+        old = tensor[index].item()
+        tensor[index] = old + eps
+        up = fn(ed).item()
+        tensor[index] = old - eps
+        down = fn(ed).item()
+        tensor[index] = old
+    return (up - down) / (2 * eps)
+
+
+@pytest.mark.parametrize("n_steps", [1, 2])
+def test_second_order_meta_gradient_matches_finite_differences(n_steps):
+    ed = mlp_editor(n_steps=n_steps, train_pattern=r"head\.weight")
+    grads = torch.autograd.grad(outer_loss(ed), [*ed.theta, ed.log_lrs])
+    checked = [(ed.log_lrs, grads[-1], (0,)), (ed.log_lrs, grads[-1], (1,))]
+    for t, g in zip(ed.theta, grads):  # fc1, fc2 (edited) and head (trained, not edited)
+        checked += [(t, g, (0, 0)), (t, g, (t.shape[0] - 1, 2))]
+    for tensor, grad, index in checked:
+        fd = finite_difference(ed, tensor.data, index, outer_loss)
+        assert grad[index].item() == pytest.approx(fd, rel=1e-5, abs=1e-8)
+
+
+def test_first_order_meta_gradient_matches_its_definition():
+    """First order treats the inner gradient g as a constant: dL/dθ = ∂L/∂θ' (at θ') and
+    dL/dlog α = ∂L/∂θ' · (−α g), the exact derivative in α for one step."""
+    ed = mlp_editor(first_order=True)
+    grads = torch.autograd.grad(outer_loss(ed), [*ed.theta, ed.log_lrs])
+    for i in range(2):
+        assert grads[-1][i].item() == pytest.approx(finite_difference(ed, ed.log_lrs.data, (i,), outer_loss), rel=1e-5)
+    with torch.no_grad():
+        post = ed.apply_edits(EDIT, []).params
+
+    def at_post(name: str, delta: torch.Tensor):
+        def fn(_: ENNEditor) -> torch.Tensor:
+            return nll(forward_logits(ed.model, INSCOPE, {**post, name: post[name] + delta}), INSCOPE.targets)
+        return fn
+
+    for k, (name, t) in enumerate(zip(ed.trained_names, ed.theta)):
+        delta = torch.zeros_like(t)
+        fd = finite_difference(ed, delta, (1, 1), at_post(name, delta))
+        assert grads[k][1, 1].item() == pytest.approx(fd, rel=1e-5, abs=1e-8)
+    exact = mlp_editor()  # same θ and α, second order: the two meta-gradients really differ
+    assert not torch.allclose(grads[0], torch.autograd.grad(outer_loss(exact), exact.theta[0])[0], rtol=1e-3)
+
+
+def test_zero_step_size_leaves_outputs_unchanged():
+    ed = mlp_editor(n_steps=2)
+    with torch.no_grad():
+        ed.log_lrs.fill_(float("-inf"))  # α = exp(−inf) = 0 exactly
+    edited = ed.apply_edits(EDIT, [])
+    assert torch.equal(edited.logits(INSCOPE), forward_logits(ed.model, INSCOPE, ed.current_params()))
+    assert torch.equal(edited.logits(INSCOPE), ed.base_logits(INSCOPE))  # locality is measured against θ, not θ0
+
+
+def test_enn_selects_eager_attention_and_refuses_fused_attention_for_second_order(make_editor):
+    cfg = load_model_config("tiny-gpt2")
+    assert model_config_for("enn", cfg)["attn_implementation"] == "eager"
+    assert "attn_implementation" not in model_config_for("mend", cfg)
+    assert model_config_for("enn", {**cfg, "attn_implementation": "sdpa"})["attn_implementation"] == "sdpa"
+    ed = make_editor("enn", "tiny-gpt2")  # the shared test fixture loads the default (SDPA) attention
+    batch = ed.formatter.batch(*zip(*requests(2)))
+    ed.train()
+    with pytest.raises(MetaEditError, match="attn_implementation='eager'"):
+        ed.apply_edits(batch, [])
+    ed.first_order = True  # no double backward needed
+    nll(ed.apply_edits(batch, []).logits(batch), batch.targets).backward()
+    assert ed.log_lrs.grad is not None and ed.theta[0].grad is not None
+
+
+def test_enn_edit_changes_the_target_and_never_the_base(make_editor):
+    ed = make_editor("enn", "tiny-gpt2", edit_lr=3.0)
+    before = snapshot(ed.model)
+    reqs = requests(1)
+    batch = ed.formatter.batch(*zip(*reqs))
+    assert not exact_correct(forward_logits(ed.model, batch), batch.targets).any()
+    edited = ed.edit(reqs)
+    assert exact_correct(edited.logits(batch), batch.targets).all()
+    assert_unchanged(ed.model, before)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])
+def test_enn_checkpoint_round_trips_and_holds_only_the_trained_subset(make_editor, tiny, tmp_path, name):
+    ed = make_editor("enn", name, train_pattern=r".*final_layer_norm\.weight|transformer\.ln_f\.weight")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in ed.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    model, _, _ = tiny(name)
+    before = snapshot(model)
+    ed.save_pretrained(str(tmp_path / "ed"))
+    loaded = load_editor(tmp_path / "ed", model=model)
+    for k, v in ed.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    reqs = requests(2)
+    a, b = ed.edit(reqs).params, loaded.edit(reqs).params
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The edited model is the meta-trained base + the edit: trained-not-edited params are in it too.
+    assert set(a) == set(ed.trained_names) and len(ed.trained_names) > len(ed.inner_params)
+    assert_unchanged(model, before)  # loading applies θ functionally; the base object keeps θ0
+
+    saved = load_file(str(tmp_path / "ed" / WEIGHTS))
+    base = dict(model.state_dict())
+    assert set(saved) == {f"theta.{i}" for i in range(len(ed.trained_names))} | {"log_lrs"}
+    # Exactly the trained subset plus one step size per inner tensor, never the whole model.
+    trained = sum(base[n].numel() for n in ed.trained_names)
+    assert sum(t.numel() for t in saved.values()) == trained + len(ed.inner_params) < sum(w.numel() for w in base.values())
+    for t in saved.values():
+        assert not any(t.shape == w.shape and torch.equal(t, w) for w in base.values())
+    config = json.loads((tmp_path / "ed" / CONFIG).read_text())
+    assert config["method"] == "enn" and config["hparams"]["train_pattern"]
+
+
+@pytest.mark.slow
+def test_train_py_selects_eager_attention_for_enn_end_to_end(tmp_path):
+    from tests.conftest import run_cli
+
+    res = run_cli(["train.py", "method=enn", "model=tiny-gpt2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   "trainer.limit_val_batches=1", "eval_limit=2", "logger=none", "trainer.enable_progress_bar=false"],
+                  tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "loading the base with attn_implementation='eager'" in res.stderr + res.stdout
+    config = json.loads((tmp_path / "checkpoints" / "enn-tiny-gpt2-synthetic" / "best" / CONFIG).read_text())
+    assert config["base_model"]["config"]["attn_implementation"] == "eager"  # load_editor reloads it the same way
+    assert "exact mode" in res.stdout

@@ -1,0 +1,138 @@
+"""KE: per-edit gradients are exact, batched edits are the sum of single edits, the constrained
+objective's multiplier and margin behave as a Lagrangian should, and checkpoints round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from safetensors.torch import load_file
+
+from metaedit import load_editor
+from metaedit.editors.io import WEIGHTS
+from metaedit.functional import forward_logits
+from metaedit.losses import nll
+from metaedit.system import EditorSystem
+from metaedit.types import EditRequest, MetaEditError
+from tests.test_editors import assert_unchanged, requests, snapshot
+
+
+def reqs(n: int) -> list[EditRequest]:
+    return [EditRequest(*r) for r in requests(n)]
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])
+def test_ke_per_edit_gradients_are_each_edits_own_gradient(make_editor, name):
+    ed = make_editor("ke", name)
+    batch = ed.formatter.batch(*zip(*requests(3)))
+    grads = ed.per_edit_gradients(batch)
+    for i in range(3):
+        one = ed.formatter.batch(*zip(*requests(3)[i : i + 1]))
+        params = {p.name: ed.model.get_parameter(p.name).detach().clone().requires_grad_() for p in ed.inner_params}
+        loss = nll(forward_logits(ed.model, one, params), one.targets, reduction="sum")
+        for p, g, ref in zip(ed.inner_params, grads, torch.autograd.grad(loss, list(params.values()))):
+            ref = ref.T if p.transposed else ref  # per-edit gradients are [d_out, d_in]
+            # (padding in the batched pass changes float summation order only)
+            assert (g[i] - ref).norm() <= 1e-4 * ref.norm(), (p.name, i)
+
+
+def test_ke_batch_of_edits_is_the_sum_of_single_edits_and_leaves_the_base(make_editor):
+    ed = make_editor("ke", "tiny-gpt2")
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-trivial editor: conditions really differ between edits
+        for p in ed.conditioners.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    before = snapshot(ed.model)
+    r = reqs(3)
+    together = ed.edit(r).params
+    singles = [ed.edit([x]).params for x in r]
+    for name, w in together.items():
+        base = ed.model.get_parameter(name)
+        summed = base + sum(s[name] - base for s in singles)
+        assert torch.allclose(w, summed, atol=1e-6), name
+        assert not torch.equal(w, base)
+    assert_unchanged(ed.model, before)
+    # The conditioning text uses the base's current (greedy) answer, as long as the new target.
+    old = ed.old_answers(ed.formatter.batch(*zip(*requests(1))), r[:1])
+    assert old[0] and old[0] != r[0].target
+
+
+def test_ke_needs_the_text_of_every_edit(make_editor):
+    ed = make_editor("ke", "tiny-gpt2")
+    batch = ed.formatter.batch(*zip(*requests(2)))
+    with pytest.raises(MetaEditError, match="needs the text of every edit: 2 edits in the batch, 0 requests"):
+        ed.apply_edits(batch, [])
+    with pytest.raises(MetaEditError, match="objective must be one of"):
+        make_editor("ke", "tiny-gpt2", objective="lagrange")
+
+
+def test_ke_constrained_lambda_rises_above_the_margin_and_falls_to_zero_below(make_editor):
+    ed = make_editor("ke_constrained", "tiny-gpt2", lambda_init=1.0, lambda_lr=0.5, margin_init=0.1)
+    ed.train()
+    l_edit = torch.tensor(2.0, requires_grad=True)
+    l_loc = torch.tensor(0.3, requires_grad=True)  # KL 0.3 > margin 0.1: the constraint is violated
+    lambdas = [ed.lagrange.item()]
+    for _ in range(4):
+        loss = ed.outer_objective(l_edit, l_loc, 1.0, 1.0, edit_success=torch.tensor(0.0))
+        lambdas.append(ed.lagrange.item())
+    assert lambdas == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.4])  # λ ← λ + lr·(KL − m)
+    # The editor's loss is the Lagrangian at the λ used: ∂loss/∂KL = λ (before this step's update).
+    (g_loc,) = torch.autograd.grad(loss, l_loc)
+    assert g_loc.item() == pytest.approx(1.3)
+    below = torch.tensor(0.02)  # KL 0.02 < margin 0.1: λ shrinks by 0.04 a step, then stays at 0
+    for _ in range(40):
+        ed.outer_objective(l_edit, below, 1.0, 1.0, edit_success=torch.tensor(0.0))
+    assert ed.lagrange.item() == 0.0
+    ed.outer_objective(l_edit, torch.tensor(0.15), 1.0, 1.0, edit_success=torch.tensor(0.0))
+    assert ed.lagrange.item() == pytest.approx(0.025)  # projected, not stuck: rises again when violated
+    # Not in training (validation, evaluation): no update.
+    ed.eval()
+    ed.outer_objective(l_edit, l_loc, 1.0, 1.0)
+    assert ed.lagrange.item() == pytest.approx(0.025)
+
+
+def test_ke_constrained_margin_anneals_when_edits_succeed(make_editor):
+    ed = make_editor("ke_constrained", "tiny-gpt2", margin_init=1e-2, margin_min=5e-3, success_decay=0.5)
+    ed.train()
+    margins = []
+    for _ in range(20):
+        ed.outer_objective(torch.tensor(1.0), torch.tensor(0.0), 1.0, 1.0, edit_success=torch.tensor(1.0))
+        margins.append(ed.margin.item())
+    # running success 0.5, 0.75, 0.875, 0.9375 > 0.9 -> ×0.8 (the average restarts): 8e-3, 6.4e-3, 5.12e-3, floor 5e-3
+    assert margins[:4] == pytest.approx([1e-2, 1e-2, 1e-2, 8e-3])
+    assert margins[-1] == pytest.approx(5e-3) and min(margins) >= 5e-3 - 1e-9  # float32 buffer
+    low = make_editor("ke_constrained", "tiny-gpt2")
+    low.train()
+    for _ in range(20):
+        low.outer_objective(torch.tensor(1.0), torch.tensor(0.0), 1.0, 1.0, edit_success=torch.tensor(0.5))
+    assert low.margin.item() == pytest.approx(low.margin_init)
+
+
+def test_ke_constrained_state_survives_training_steps_and_checkpoints(make_editor, make_data, tiny, tmp_path):
+    ed = make_editor("ke_constrained", "tiny-gpt2", lambda_lr=10.0)
+    base = snapshot(ed.model)
+    system = EditorSystem(ed, lr=1e-3)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, inference_mode=False)
+    trainer.fit(system, datamodule=make_data(ed.formatter, n_edits=2))
+    assert ed.lagrange.item() != ed.lambda_init  # the training step ran the dual ascent
+    assert_unchanged(ed.model, base)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(state["editor.lagrange"], ed.lagrange) and torch.equal(state["editor.margin"], ed.margin)
+
+    with torch.no_grad():
+        ed.margin.fill_(3e-3)
+    ed.save_pretrained(str(tmp_path / "ed"))
+    model, _, _ = tiny("tiny-gpt2")
+    loaded = load_editor(tmp_path / "ed", model=model)
+    assert loaded.method == "ke_constrained" and loaded.objective == "constrained"
+    for k, v in ed.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    a, b = ed.edit(reqs(2)).params, loaded.edit(reqs(2)).params
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved = load_file(str(tmp_path / "ed" / WEIGHTS))
+    base_sd = dict(model.state_dict())
+    assert not set(saved) & set(base_sd) and {"lagrange", "margin", "success_ema"} <= set(saved)
+    for t in saved.values():  # the embedding copy was trained: no tensor equals a base tensor
+        assert not any(t.shape == w.shape and torch.equal(t, w) for w in base_sd.values())
