@@ -80,6 +80,13 @@ def answers(text: str, target: str) -> bool:
     return text.strip().lower().startswith(target.strip().lower())
 
 
+def answer_of(text: str, max_words: int = 3) -> str:
+    """The answer part of a free completion: up to the first sentence break, at most a few words
+    ("Tokyo.\n\nThe Japanese Alps" -> "Tokyo"); what follows may change without the answer changing."""
+    head = re.split(r"[.,;:\n]", text.strip(), maxsplit=1)[0]
+    return " ".join(head.split()[:max_words])
+
+
 def _probes(req: dict[str, Any], unrelated: list[str]) -> list[tuple[str, str]]:
     paraphrases = req.get("paraphrases") or paraphrases_for(req["prompt"])
     return ([("edit", req["prompt"])] + [("paraphrase", p) for p in paraphrases]
@@ -110,10 +117,11 @@ def run_edit(cfg: Any) -> dict[str, Any]:
         for r in reqs[:upto]:
             for kind, p in _probes(r, unrelated):
                 after = greedy_completion(edited, editor, p, n_tok)
-                ok = answers(after, r["target"]) if kind != "unrelated" else after == base[p]
+                ok = answers(after, r["target"]) if kind != "unrelated" else answer_of(after) == answer_of(base[p])
                 rows.append({"kind": kind, "prompt": p, "target": r["target"], "base": base[p], "edited": after, "ok": ok})
                 verdict = ("answers target" if ok else "misses target") if kind != "unrelated" else (
-                    "unchanged" if ok else "CHANGED")
+                    ("answer unchanged" if after == base[p] else "answer unchanged, continuation differs") if ok
+                    else "ANSWER CHANGED")
                 print(f"[{kind:10s}] {p!r}\n    base:   {base[p]!r}\n    edited: {after!r}   ({verdict})", flush=True)
         return rows
 

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from metaedit.paths import default_cache_dir
 from tests.conftest import ROOT, run_cli
 
 FAST = ["trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "eval_limit=4",
@@ -102,8 +103,10 @@ def test_ft_has_nothing_to_train_but_is_evaluated(tmp_path):
 def test_wandb_logger_goes_offline_when_not_logged_in(tmp_path):
     env_home = tmp_path / "home"
     env_home.mkdir()
-    res = run_cli(["train.py", "logger=wandb", *[a for a in FAST if a != "logger=none"]], tmp_path,
-                  env={**os.environ, "HOME": str(env_home), "WANDB_API_KEY": "", "WANDB_SILENT": "true"})
+    # HOME is moved (no W&B login there); the model cache stays where the other tests built it.
+    res = run_cli(["train.py", "logger=wandb", "model=tiny-gpt2", "data=synthetic", *[a for a in FAST if a != "logger=none"]],
+                  tmp_path, env={**os.environ, "HOME": str(env_home), "WANDB_API_KEY": "", "WANDB_SILENT": "true",
+                                 "METAEDIT_CACHE": str(default_cache_dir())})
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
     assert runs, "no offline W&B run written"

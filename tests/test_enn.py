@@ -180,7 +180,7 @@ def test_enn_checkpoint_round_trips_and_holds_only_the_trained_subset(make_edito
 def test_train_py_selects_eager_attention_for_enn_end_to_end(tmp_path):
     from tests.conftest import run_cli
 
-    res = run_cli(["train.py", "method=enn", "model=tiny-gpt2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+    res = run_cli(["train.py", "method=enn", "model=tiny-gpt2", "data=synthetic", "trainer.max_steps=2", "trainer.val_check_interval=2",
                    "trainer.limit_val_batches=1", "eval_limit=2", "logger=none", "trainer.enable_progress_bar=false"],
                   tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -168,7 +168,9 @@ class SERACEditor(Editor):
             memory.keys = memory.keys.to(self.device)
         return SERACEditedModel(self, memory)
 
-    def outer_objective(self, l_edit: Tensor, l_loc: Tensor, c_edit: float, c_loc: float) -> Tensor:
+    def outer_objective(
+        self, l_edit: Tensor, l_loc: Tensor, c_edit: float, c_loc: float, edit_success: Tensor | None = None
+    ) -> Tensor:
         # The routed L_edit/L_loc pass through a hard argmax and threshold, so they carry no gradient
         # to g, and a misrouted locality input would teach h to imitate the base without its
         # knowledge. They are logged and select the best checkpoint (val/loss); the trained terms
