@@ -31,6 +31,12 @@ def _method_hparams(method: str) -> dict[str, Any]:
     return dict(yaml.safe_load((CONFIG_DIR / "method" / f"{method}.yaml").read_text()).get("editor") or {})
 
 
+def _same_eval(report: dict[str, Any], cfg: DictConfig) -> bool:
+    """A saved evaluation is reusable only if it was made with this benchmark's settings."""
+    made = (report.get("data"), report.get("split"), report.get("limit"), report.get("fluency_tokens"))
+    return made == (cfg.data.name, cfg.split, cfg.limit, cfg.fluency_tokens) and "fwd_bwd_ms" in report["metrics"]
+
+
 def _run(args: list[str], log_path: Path) -> None:
     """Run one of the project's entry points; its output goes to a log file named in any error."""
     with open(log_path, "w") as f:
@@ -76,11 +82,14 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
             train_info = json.loads(info.read_text()) if info.is_file() else {}
         del editor
         result = work / f"{name}-eval.json"
-        log.info("evaluating %s on %s edits (log: %s)", name, cfg.limit, work / f"{name}-eval.log")
         t0 = time.perf_counter()
-        _run(["evaluate.py", f"editor={editor_dir}", *common, f"split={cfg.split}", f"limit={cfg.limit}",
-              f"fluency_tokens={cfg.fluency_tokens}", "time_reference=true", f"output={result}",
-              ], work / f"{name}-eval.log")
+        if cfg.reuse and result.is_file() and _same_eval(json.loads(result.read_text()), cfg):
+            log.info("reusing %s (reuse=true)", result)
+        else:
+            log.info("evaluating %s on %s edits (log: %s)", name, cfg.limit, work / f"{name}-eval.log")
+            _run(["evaluate.py", f"editor={editor_dir}", *common, f"split={cfg.split}", f"limit={cfg.limit}",
+                  f"fluency_tokens={cfg.fluency_tokens}", "time_reference=true", f"output={result}"],
+                 work / f"{name}-eval.log")
         report = json.loads(result.read_text())
         m = report["metrics"]
         row.update({k: m[k] for k in COLUMNS if k in m})

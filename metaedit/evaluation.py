@@ -43,6 +43,8 @@ def evaluate_editor(
         "data": data.name,
         "split": split,
         "edits_per_batch": data.eval_n_edits,
+        "limit": limit,
+        "fluency_tokens": fluency_tokens,
         "mode": "exact",
         "metrics": metrics,
         "token_mode": acc.token_summary(),
