@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metaedit.editors.io import build_editor, save_editor
+from metaedit.data.records import digest
+from metaedit.editors.io import build_editor, editor_digest, save_editor
 from metaedit.editors.registry import EDITORS
-from metaedit.models.loading import CONFIG_DIR, load_base_model
+from metaedit.models.loading import CONFIG_DIR, load_base_model, make_formatter
 from metaedit.types import MetaEditError
 
 log = logging.getLogger(__name__)
@@ -31,10 +33,13 @@ def _method_hparams(method: str) -> dict[str, Any]:
     return dict(yaml.safe_load((CONFIG_DIR / "method" / f"{method}.yaml").read_text()).get("editor") or {})
 
 
-def _same_eval(report: dict[str, Any], cfg: DictConfig) -> bool:
-    """A saved evaluation is reusable only if it was made with this benchmark's settings."""
-    made = (report.get("data"), report.get("split"), report.get("limit"), report.get("fluency_tokens"))
-    return made == (cfg.data.name, cfg.split, cfg.limit, cfg.fluency_tokens) and "fwd_bwd_ms" in report["metrics"]
+def _same_eval(report: dict[str, Any], cfg: DictConfig, records_digest: str, editor_dir: Path) -> bool:
+    """A saved evaluation is reusable only if it was made with this benchmark's settings, on the same
+    records, with the checkpoint that is there now."""
+    made = (report.get("data"), report.get("split"), report.get("limit"), report.get("fluency_tokens"),
+            report.get("records_digest"), report.get("editor_digest"))
+    now = (cfg.data.name, cfg.split, cfg.limit, cfg.fluency_tokens, records_digest, editor_digest(editor_dir))
+    return made == now and "fwd_bwd_ms" in report["metrics"]
 
 
 def _run(args: list[str], log_path: Path) -> None:
@@ -53,6 +58,8 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_base_model(model_cfg, cfg.paths.cache_dir)
+    data = instantiate(cfg.data, formatter=make_formatter(model, tokenizer, model_cfg), _recursive_=False)
+    records = digest(data.records(cfg.split)[: cfg.limit or None])
     # evaluate.py takes the base model from the editor's own config; train.py needs it named.
     common = [f"data={cfg.data.name}", f"paths.root_dir={cfg.paths.root_dir}", f"paths.cache_dir={cfg.paths.cache_dir}"]
     rows: list[dict[str, Any]] = []
@@ -83,7 +90,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         del editor
         result = work / f"{name}-eval.json"
         t0 = time.perf_counter()
-        if cfg.reuse and result.is_file() and _same_eval(json.loads(result.read_text()), cfg):
+        if cfg.reuse and result.is_file() and _same_eval(json.loads(result.read_text()), cfg, records, editor_dir):
             log.info("reusing %s (reuse=true)", result)
         else:
             log.info("evaluating %s on %s edits (log: %s)", name, cfg.limit, work / f"{name}-eval.log")
@@ -93,6 +100,9 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         report = json.loads(result.read_text())
         m = report["metrics"]
         row.update({k: m[k] for k in COLUMNS if k in m})
+        if "by_relation" in report:
+            row["by_relation"] = {rel: {k: r[k] for k in ("n_edits", "es", "ps", "ns", "score") if k in r}
+                                  for rel, r in report["by_relation"].items()}
         if train_info:
             row["train_min"] = round(train_info["train_seconds"] / 60, 1)
             row["train_steps"] = train_info.get("steps")
@@ -136,6 +146,15 @@ def markdown_table(doc: dict[str, Any]) -> str:
             lines.append(f"| {r['method']} | {r.get('status')} |" + " |" * (len(COLUMNS) - 1))
             continue
         lines.append(f"| {r['method']} | " + " | ".join(_fmt(r.get(k)) for k in COLUMNS) + " |")
+    relations = sorted({rel for r in doc["rows"] for rel in r.get("by_relation", {})})
+    if relations:
+        # Which facts an editor handles: es / ps / ns per relation (the edit's relation).
+        lines += ["", "es / ps / ns by relation:", "",
+                  "| method | " + " | ".join(relations) + " |", "|---" * (len(relations) + 1) + "|"]
+        for r in doc["rows"]:
+            per = r.get("by_relation", {})
+            cells = ["/".join(_fmt(per[rel].get(k)) for k in ("es", "ps", "ns")) if rel in per else "—" for rel in relations]
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from metaedit.data.datamodule import EditDataModule
+from metaedit.data.records import digest
 from metaedit.editors.base import Editor
 from metaedit.metrics import MetricAccumulator, evaluate_edit_batch
 
@@ -31,13 +32,21 @@ def evaluate_editor(
     """Exact-mode metrics (and token-mode beside them, labelled) over `split`; CounterFact scores when
     the records have true objects, fluency from `fluency_tokens`-token generations when > 0."""
     acc = MetricAccumulator()
+    # With one edit per batch, batch i is record i: its outcomes also go to its relation's accumulator.
+    records = data.records(split)[: limit or None] if data.eval_n_edits == 1 else []
+    by_relation: dict[str, MetricAccumulator] = {}
     editor.eval()
     device = editor.device
-    for batch in data.loader(split, limit=limit, shuffle=False):
-        acc.add(evaluate_edit_batch(editor, batch.to(device), fluency_tokens, time_reference))
+    for i, batch in enumerate(data.loader(split, limit=limit, shuffle=False)):
+        outcome = evaluate_edit_batch(editor, batch.to(device), fluency_tokens, time_reference)
+        acc.add(outcome)
+        relation = records[i].get("relation") if records else None
+        if relation:
+            by_relation.setdefault(relation, MetricAccumulator()).add(outcome)
     metrics = acc.summary()
     metrics["peak_mem_mb"] = peak_memory_mb(device)
-    return {
+    report: dict[str, Any] = {
+        "records_digest": digest(data.records(split)[: limit or None]),
         "method": editor.method,
         "model": getattr(editor, "model_cfg", {}).get("name"),
         "data": data.name,
@@ -49,6 +58,9 @@ def evaluate_editor(
         "metrics": metrics,
         "token_mode": acc.token_summary(),
     }
+    if len(by_relation) > 1:
+        report["by_relation"] = {r: by_relation[r].summary() for r in sorted(by_relation)}
+    return report
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -64,6 +76,10 @@ def format_report(report: dict[str, Any]) -> str:
     if "es" in m:
         lines.insert(3, f"  counterfact: es {m['es']:.3f}  ps {m['ps']:.3f}  ns {m['ns']:.3f}  score {m['score']:.3f}"
                         + (f"  fluency {m['fluency']:.3f}" if "fluency" in m else ""))
+    for relation, r in report.get("by_relation", {}).items():
+        scores = f"  es {r['es']:.3f} ps {r['ps']:.3f} ns {r['ns']:.3f}" if "es" in r else ""
+        lines.append(f"    {relation:<14} {int(r['n_edits']):>4} edits  edit {r['edit_acc']:.3f} rephrase "
+                     f"{r['rephrase_acc']:.3f} loc {r['loc_retain']:.3f}{scores}")
     return "\n".join(lines)
 
 
@@ -74,13 +90,14 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
 
     from hydra.utils import instantiate
 
-    from metaedit.editors.io import load_editor, resolve_editor_dir
+    from metaedit.editors.io import editor_digest, load_editor, resolve_editor_dir
 
     editor_dir = resolve_editor_dir(cfg.editor)
     editor = load_editor(editor_dir, force=cfg.force, device=cfg.device, cache_dir=cfg.paths.cache_dir)
     data = instantiate(cfg.data, formatter=editor.formatter, eval_n_edits=cfg.n_edits, _recursive_=False)
     report = evaluate_editor(editor, data, split=cfg.split, limit=cfg.limit, fluency_tokens=cfg.fluency_tokens,
                              time_reference=cfg.time_reference)
+    report["editor_dir"], report["editor_digest"] = str(editor_dir), editor_digest(editor_dir)
     out = Path(cfg.output) if cfg.output else editor_dir / f"eval-{data.name}-{cfg.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -30,8 +30,13 @@ EXACT_KEYS = ("edit_acc", "rephrase_acc", "loc_retain", "drawdown")
 
 
 @torch.no_grad()
-def greedy_relabel(logits_fn: Callable[[LMBatch], Tensor], batch: LMBatch) -> LMBatch:
-    """A copy of `batch` whose target tokens are the model's own greedy answer (same length as gold)."""
+def greedy_relabel(logits_fn: Callable[[LMBatch], Tensor], batch: LMBatch, first_logits: Tensor | None = None) -> LMBatch:
+    """A copy of `batch` whose target tokens are the model's own greedy answer (same length as gold).
+
+    `first_logits`, when given, are `logits_fn(batch)` already computed by the caller: the first
+    answer token needs nothing fed back, so for one-token answers no further pass is run. Later
+    passes run only the rows whose answers are still being decoded.
+    """
     out = replace(
         batch,
         prefix=None,  # input ids change below, so any cached prefix would be stale
@@ -44,8 +49,14 @@ def greedy_relabel(logits_fn: Callable[[LMBatch], Tensor], batch: LMBatch) -> LM
     # The token predicted at logits position p is fed back as input at p+1 (causal ids or decoder ids).
     feed = None if classifier else (out.input_ids if out.decoder_input_ids is None else out.decoder_input_ids)
     rank = valid.cumsum(-1)
-    for j in range(int(valid.sum(-1).max())):
-        pred = logits_fn(out).argmax(-1)
+    lengths = valid.sum(-1)
+    for j in range(int(lengths.max())):
+        active = lengths > j
+        if j == 0 and first_logits is not None:
+            pred = first_logits[:, : out.width].argmax(-1)
+        else:
+            pred = torch.zeros_like(out.targets)
+            pred[active] = logits_fn(out.select(active))[:, : out.width].argmax(-1)
         pos = valid & (rank == j + 1)
         out.targets[pos] = pred[pos]
         if feed is not None:
@@ -99,8 +110,8 @@ def evaluate_edit_batch(
         return with_prefix(runner, b)
 
     loc = pre(batch.loc)
-    loc_pred = pre(greedy_relabel(editor.base_logits, batch.loc))
     pre_loc = editor.base_logits(loc)
+    loc_pred = pre(greedy_relabel(editor.base_logits, batch.loc, first_logits=pre_loc))
     pre_gold = exact_correct(pre_loc, batch.loc.targets)
     _sync(editor.device)
     t0 = time.perf_counter()

@@ -70,9 +70,9 @@ class EditorSystem(pl.LightningModule):
         return self
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.editor.parameters() if p.requires_grad]
+        groups = [g for g in self.editor.param_groups(self.lr) if g["params"]]
         # fused Adam: one kernel for all tensors (the per-tensor loop dominates a small editor's step).
-        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+        opt = torch.optim.Adam(groups, lr=self.lr, weight_decay=self.weight_decay, fused=True)
         total = max(1, self.trainer.max_steps) if self.trainer.max_steps > 0 else None
         warm, cosine = self.warmup_steps, self.schedule == "cosine" and total is not None
 

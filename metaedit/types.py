@@ -85,6 +85,15 @@ class LMBatch:
         """Number of logits positions (what `targets` is aligned with)."""
         return int(self.targets.shape[1])
 
+    def select(self, rows: Tensor) -> LMBatch:
+        """The rows picked by a boolean mask or index tensor (every per-row field follows)."""
+        picked = {
+            name: (value[rows] if isinstance(value, Tensor) else
+                   None if value is None else [value[i] for i in torch.arange(len(self))[rows].tolist()])
+            for name, value in self.__dict__.items()
+        }
+        return LMBatch(**picked)
+
     @staticmethod
     def concat(batches: Sequence[LMBatch]) -> LMBatch:
         """Stack the rows of several batches (right-padded to a common width) for one forward pass.

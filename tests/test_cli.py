@@ -46,6 +46,10 @@ def test_train_then_evaluate_writes_metrics(tmp_path):
     for key in ("edit_acc", "rephrase_acc", "loc_retain", "drawdown", "edit_ms", "peak_mem_mb", "es", "ps", "ns", "score"):
         assert key in report["metrics"]
     assert "exact mode" in res.stdout and "token mode" in res.stdout
+    # Per relation too (one edit per batch: each batch is one record), adding up to the whole split.
+    per = report["by_relation"]
+    assert len(per) > 1 and sum(r["n_edits"] for r in per.values()) == 6
+    assert report["records_digest"] and report["editor_digest"]
 
 
 def test_evaluate_refuses_a_missing_editor(tmp_path):

@@ -52,3 +52,29 @@ def test_fluency_is_weighted_ngram_entropy():
     assert ngram_entropy(text) == pytest.approx((2 / 3 * 2 + 4 / 3 * math.log2(3)) / 2)
     assert ngram_entropy("Rome Rome Rome Rome Rome Rome") == 0.0
     assert ngram_entropy("Rome is the capital of Italy and home to the Vatican") > ngram_entropy("Rome Rome Rome is is is")
+
+
+@pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-t5"])
+def test_greedy_relabel_matches_generate(tiny, model_name):
+    """The base's own answers used for loc_retain are what greedy generation produces, token for
+    token, with or without the caller's first-pass logits, for answers of different lengths."""
+    from metaedit.functional import forward_logits
+    from metaedit.metrics import greedy_relabel
+    from metaedit.models.loading import make_formatter
+
+    model, tok, cfg = tiny(model_name)
+    fmt = make_formatter(model, tok, cfg)
+    prompts = ["Zalklothros lives in", "The capital of Basdri is", "Who founded Mirelle?"]
+    batch = fmt.batch(prompts, ["a b c", "x", "one two"])  # 3 different answer lengths
+    fn = lambda b: forward_logits(model, b)  # noqa: E731
+    plain = greedy_relabel(fn, batch)
+    reused = greedy_relabel(fn, batch, first_logits=fn(batch))
+    assert torch.equal(plain.targets, reused.targets) and torch.equal(plain.input_ids, reused.input_ids)
+    for row, prompt in enumerate(prompts):
+        n = int((batch.targets[row] != -100).sum())
+        ids = tok(prompt, return_tensors="pt")["input_ids"] if cfg["family"] == "causal_lm" else batch.input_ids[row : row + 1, : int(batch.attention_mask[row].sum())]
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+        new = gen[0, ids.shape[1] :] if cfg["family"] == "causal_lm" else gen[0, 1:]
+        got = plain.targets[row][plain.targets[row] != -100]
+        assert len(new) > 0 and got.tolist()[: len(new)] == new[:n].tolist()  # generate may stop at EOS

@@ -28,6 +28,13 @@ def test_builder_is_deterministic_with_disjoint_subject_splits(built):
     assert relations == {"capital", "continent", "currency", "language", "city_country"}
 
 
+def test_split_order_mixes_relations(built):
+    """evaluate.py limit=N scores the first N records: they must not all be one relation."""
+    for split, records in built.items():
+        first = {r["requested_rewrite"]["relation_id"] for r in records[:50]}
+        assert first == {"capital", "continent", "currency", "language", "city_country"}, split
+
+
 def test_records_are_real_counterfactuals_with_held_out_paraphrases(built):
     train_prompts = {p for r in built["train"] for p in r["paraphrase_prompts"]}
     train_subjects = {r["requested_rewrite"]["subject"] for r in built["train"]}

@@ -84,3 +84,8 @@ def hash_split(key: str, seed: int, val_frac: float, test_frac: float) -> str:
     split never depends on which other keys exist."""
     u = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
+
+
+def digest(obj: Any) -> str:
+    """A short content hash of JSON-able data (e.g. the records an evaluation scored)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

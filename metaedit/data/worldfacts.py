@@ -173,6 +173,10 @@ def build_records(
             if answers is not None:
                 rec["neighborhood_answers"] = answers
             splits[split].append(rec)
+    # Relations were built one after another; mix them so that the first N records of a split
+    # (evaluate.py limit=N, the main job's eval_limit) are a fair sample of every relation.
+    for split, records in splits.items():
+        random.Random(f"{seed}:order:{split}").shuffle(records)
     return splits
 
 

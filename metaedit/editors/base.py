@@ -69,6 +69,11 @@ class Editor(nn.Module, ABC):
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (the trainer's `lr` is the default); an editor whose parts
+        need different step sizes (SERAC's pretrained counterfactual model) overrides this."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
     # ---- user-facing ----------------------------------------------------------------------------
     def edit(self, requests: Iterable[EditRequest | Mapping[str, Any] | Sequence[str]]) -> EditedModel:
         """Apply a list of edit requests (prompt, target) at once; the base model is left unchanged."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict
@@ -90,6 +91,16 @@ def resolve_editor_dir(path: str | Path) -> Path:
     if missing:
         raise MetaEditError(f"incomplete editor directory {path}: missing {', '.join(missing)}")
     return path
+
+
+def editor_digest(path: str | Path) -> str:
+    """A content hash of a saved editor (its weights and config): tells whether a saved evaluation
+    was made with the checkpoint that is there now."""
+    path = resolve_editor_dir(path)
+    h = hashlib.sha256()
+    for name in (CONFIG, WEIGHTS):
+        h.update((path / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def load_editor(

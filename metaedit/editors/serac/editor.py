@@ -49,6 +49,8 @@ class SERACEditor(Editor):
         threshold: τ; an input goes to h when max_i g(z_i, x) > τ.
         cf_layers: blocks (per stack) of the base copied into h.
         cf_train_embeddings: also fine-tune h's token embeddings and head.
+        cf_lr: h's learning rate (None: the trainer's). A pretrained h (many base blocks) wants a
+            smaller step than the classifier's freshly initialised pooling and projection.
         hard_negatives: per edit and step, the most similar out-of-scope texts mined from a bank.
         negative_bank: texts (with their edit) kept from earlier batches for mining.
         c_cls, c_cf: weights of the classifier and counterfactual losses.
@@ -68,6 +70,7 @@ class SERACEditor(Editor):
         threshold: float = 0.5,
         cf_layers: int = 2,
         cf_train_embeddings: bool = False,
+        cf_lr: float | None = None,
         hard_negatives: int = 4,
         negative_bank: int = 4096,
         c_cls: float = 1.0,
@@ -82,11 +85,11 @@ class SERACEditor(Editor):
         self._hp = {
             "classifier": classifier, "encoder": encoder, "encoder_train_layers": encoder_train_layers,
             "pool_heads": pool_heads, "proj_dim": proj_dim, "threshold": threshold, "cf_layers": cf_layers,
-            "cf_train_embeddings": cf_train_embeddings, "hard_negatives": hard_negatives,
+            "cf_train_embeddings": cf_train_embeddings, "cf_lr": cf_lr, "hard_negatives": hard_negatives,
             "negative_bank": negative_bank, "c_cls": c_cls, "c_cf": c_cf,
         }
         self.threshold, self.hard_negatives, self.bank_size = threshold, hard_negatives, negative_bank
-        self.c_cls, self.c_cf = c_cls, c_cf
+        self.c_cls, self.c_cf, self.cf_lr = c_cls, c_cf, cf_lr
         self.classifier = ScopeClassifier(
             encoder, mode=classifier, train_layers=encoder_train_layers, heads=pool_heads, proj_dim=proj_dim
         )
@@ -106,6 +109,12 @@ class SERACEditor(Editor):
 
     def hparams(self) -> dict[str, Any]:
         return dict(self._hp)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        cf = [p for p in self.counterfactual.parameters() if p.requires_grad]
+        in_cf = {id(p) for p in cf}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in in_cf]
+        return [{"params": rest, "lr": lr}, {"params": cf, "lr": lr if self.cf_lr is None else self.cf_lr}]
 
     # ---- helpers ------------------------------------------------------------------------------
     @property
