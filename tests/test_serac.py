@@ -136,3 +136,16 @@ def test_retrieval_is_one_similarity_over_the_memory(serac):
     with torch.no_grad():
         expected = ed.classifier.logits_from_embeddings(ed.classifier.embed(FAR), edited.memory.keys)
     assert torch.allclose(logits, expected)
+
+
+def test_counterfactual_model_can_have_its_own_learning_rate(make_editor):
+    """cf_lr puts h's parameters in their own optimizer group; every trainable parameter is in
+    exactly one group."""
+    editor = make_editor("serac", cf_lr=1e-5)
+    groups = editor.param_groups(1e-3)
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    cf = {id(p) for p in editor.counterfactual.parameters() if p.requires_grad}
+    assert by_lr[1e-5] == cf and cf
+    trainable = {id(p) for p in editor.parameters() if p.requires_grad}
+    assert by_lr[1e-3] == trainable - cf and by_lr[1e-3]
+    assert [g["lr"] for g in make_editor("serac").param_groups(1e-3)] == [1e-3, 1e-3]
