@@ -32,8 +32,9 @@ def evaluate_editor(
     """Exact-mode metrics (and token-mode beside them, labelled) over `split`; CounterFact scores when
     the records have true objects, fluency from `fluency_tokens`-token generations when > 0."""
     acc = MetricAccumulator()
+    scored = data.records(split)[: limit or None]
     # With one edit per batch, batch i is record i: its outcomes also go to its relation's accumulator.
-    records = data.records(split)[: limit or None] if data.eval_n_edits == 1 else []
+    records = scored if data.eval_n_edits == 1 else []
     by_relation: dict[str, MetricAccumulator] = {}
     editor.eval()
     device = editor.device
@@ -46,7 +47,7 @@ def evaluate_editor(
     metrics = acc.summary()
     metrics["peak_mem_mb"] = peak_memory_mb(device)
     report: dict[str, Any] = {
-        "records_digest": digest(data.records(split)[: limit or None]),
+        "records_digest": digest(scored),
         "method": editor.method,
         "model": getattr(editor, "model_cfg", {}).get("name"),
         "data": data.name,

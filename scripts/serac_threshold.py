@@ -12,7 +12,6 @@ with `method.editor.threshold=...` (configs/tuning/), and report test.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
