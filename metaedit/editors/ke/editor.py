@@ -183,23 +183,11 @@ class KEConstrainedEditor(KEEditor):
 
     method = "ke_constrained"
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        inner_params: Sequence[InnerParam],
-        hidden: int = 128,
-        cond_dim: int = 256,
-        init_lr: float = 1.0,
-        lambda_init: float = 1.0,
-        lambda_lr: float = 0.1,
-        margin_init: float = 0.1,
-        margin_min: float = 1e-3,
-        anneal_at: float = 0.9,
-        anneal_factor: float = 0.8,
-        success_decay: float = 0.95,
-    ) -> None:
-        super().__init__(model, inner_params, hidden, cond_dim, init_lr, "constrained", lambda_init, lambda_lr,
-                         margin_init, margin_min, anneal_at, anneal_factor, success_decay)
+    def __init__(self, model: PreTrainedModel, inner_params: Sequence[InnerParam], **hparams: Any) -> None:
+        # Every KEEditor hyper-parameter except the objective, which this name fixes.
+        if "objective" in hparams:
+            raise MetaEditError("ke_constrained fixes objective=constrained; use method=ke to choose it")
+        super().__init__(model, inner_params, objective="constrained", **hparams)
 
     def hparams(self) -> dict[str, Any]:
         return {k: v for k, v in super().hparams().items() if k != "objective"}
