@@ -50,6 +50,34 @@ def test_mend_capture_gives_the_exact_weight_gradient(make_editor, name):
         assert u.shape[0] > 0 and (u != 0).any(-1).all() and (d != 0).any(-1).all()  # padding rows dropped
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_mend_update_is_w_minus_eta_sum_of_pseudo_outer_products(make_editor, name):
+    """apply_edits runs the layers sharing a network as one stack and fuses the update; it must equal
+    W' = W − η_ℓ Σ_t δ̃_t ũ_tᵀ with each layer sent through its network alone (its own statistics,
+    scale and shift), on non-trivial networks."""
+    torch.manual_seed(0)
+    ed = make_editor("mend", name)
+    batch = ed.formatter.batch(*zip(*requests(3)))
+    ed.train()
+    ed.transform(ed.capture(batch))  # gives every layer's running norm different statistics
+    ed.eval()
+    with torch.no_grad():
+        for net in ed.nets.values():
+            for t in (*net.up, *net.bias, net.scale, net.shift):
+                t.add_(torch.randn_like(t) * 0.1)
+        ed.edit_lrs.copy_(torch.rand_like(ed.edit_lrs) * 1e-3)
+    rows = ed.capture(batch)
+    assert len({ed._slot[i][0] for i in range(len(rows))}) < len(rows)  # some layers do share a network
+    edited = ed.apply_edits(batch, []).params
+    for i, (p, (u, d)) in enumerate(zip(ed.inner_params, rows)):
+        key, slot = ed._slot[i]
+        u_t, d_t = ed.nets[key](u[None], d[None], [slot])
+        step = d_t[0].T @ u_t[0]
+        expected = ed.model.get_parameter(p.name) - ed.edit_lrs[i] * (step.T if p.transposed else step)
+        assert torch.allclose(edited[p.name], expected, atol=1e-6, rtol=1e-5), p.name
+        assert not torch.equal(edited[p.name], ed.model.get_parameter(p.name))
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])
 def test_mend_zero_step_is_a_no_op_and_small_step_descends(make_editor, name):
     ed = make_editor("mend", name)

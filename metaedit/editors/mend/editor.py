@@ -84,14 +84,27 @@ class MENDEditor(Editor):
             rows.append((u[keep].float(), d[keep].float()))
         return rows
 
+    def transform(self, rows: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """(u, δ) -> (ũ, δ̃) for every inner layer. Layers that share a network and have the same number
+        of rows (the usual case: every layer sees the same positions) go through it as one stack."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, (u, _) in enumerate(rows):
+            groups.setdefault((self._slot[i][0], u.shape[0]), []).append(i)
+        out = list(rows)
+        for (key, _), idx in groups.items():
+            u_t, d_t = self.nets[key](
+                torch.stack([rows[i][0] for i in idx]), torch.stack([rows[i][1] for i in idx]), [self._slot[i][1] for i in idx]
+            )
+            for j, i in enumerate(idx):
+                out[i] = (u_t[j], d_t[j])
+        return out
+
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
         new_params: dict[str, Tensor] = {}
-        for i, (p, (u, d)) in enumerate(zip(self.inner_params, self.capture(edit))):
-            key, slot = self._slot[i]
-            u_t, d_t = self.nets[key](u, d, slot)
-            grad = d_t.T @ u_t  # [d_out, d_in] = Σ_t δ̃_t ũ_tᵀ
-            if p.transposed:
-                grad = grad.T  # Conv1D stores W as [d_in, d_out]
+        for i, (p, (u_t, d_t)) in enumerate(zip(self.inner_params, self.transform(self.capture(edit)))):
             w = self.model.get_parameter(p.name)
-            new_params[p.name] = w - (self.edit_lrs[i] * grad).to(w.dtype)
+            # W − η Σ_t δ̃_t ũ_tᵀ as one fused addmm; η scales the n × d_out rows, not the full product.
+            step, u_t = (d_t * -self.edit_lrs[i]).to(w.dtype), u_t.to(w.dtype)
+            # Conv1D stores W as [d_in, d_out].
+            new_params[p.name] = torch.addmm(w, u_t.T, step) if p.transposed else torch.addmm(w, step.T, u_t)
         return EditedModel(self.model, new_params)
