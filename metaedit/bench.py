@@ -65,11 +65,16 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for name in cfg.methods:
         row: dict[str, Any] = {"method": name}
-        method = "ft" if name == "base" else name
+        # A variant is a method trained another way (e.g. with relations held out), under its own run name.
+        variant = dict(cfg.variants.get(name) or {})
+        method = variant.get("method") or ("ft" if name == "base" else name)
+        run_name = variant.get("run_name") or f"{method}-{cfg.model.name}-{cfg.data.name}"
         if method not in EDITORS:
             rows.append({**row, "status": f"not available in this version (valid: {sorted(EDITORS)})"})
             continue
         hparams = {**_method_hparams(method), **(cfg.overrides.get(name) or {})}
+        if variant:
+            row["variant"] = {"method": method, "run_name": run_name, "train": list(variant.get("train", []))}
         if name == "base":
             hparams["steps"] = 0  # no edit: the pre-edit model through the same code
         editor = build_editor(method, model, model_cfg, hparams, tokenizer=tokenizer)
@@ -78,13 +83,14 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
             save_editor(editor, editor_dir)
             train_info: dict[str, Any] = {}
         else:
-            editor_dir = Path(cfg.paths.checkpoint_dir) / f"{method}-{cfg.model.name}-{cfg.data.name}"
+            editor_dir = Path(cfg.paths.checkpoint_dir) / run_name
             if not (editor_dir / "best").is_dir():
                 if not cfg.train_missing:
                     rows.append({**row, "status": f"no trained checkpoint at {editor_dir} (train it, or train_missing=true)"})
                     continue
                 log.info("training %s (log: %s)", method, work / f"{name}-train.log")
-                _run(["train.py", f"method={method}", f"model={cfg.model.name}", *common, "evaluate_after=false"], work / f"{name}-train.log")
+                _run(["train.py", f"method={method}", f"model={cfg.model.name}", *common, f"run_name={run_name}",
+                      *variant.get("train", []), "evaluate_after=false"], work / f"{name}-train.log")
             info = editor_dir / "train_info.json"
             train_info = json.loads(info.read_text()) if info.is_file() else {}
         del editor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,33 @@ class SaveBestEditor(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = state_dict.get("best")
+
+
+class TimeBudget(pl.Callback):
+    """A safety stop for a wall-clock budget that still leaves a selected editor.
+
+    Training is meant to end by its step count (`trainer.max_steps`, the same amount of work on
+    every machine). If the machine is too slow for that within `deadline` (a `time.monotonic()`
+    value), training stops early enough that the validation Lightning runs on stopping (it
+    validates when `should_stop` is set) also ends by then: the stop comes when the time left is
+    less than the last validation took. `cut_at_step` records where the budget cut training short.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.val_seconds = 0.0
+        self._val_start = 0.0
+        self.cut_at_step: int | None = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.monotonic()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.val_seconds = max(self.val_seconds, time.monotonic() - self._val_start)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.cut_at_step is None and time.monotonic() + self.val_seconds >= self.deadline:
+            self.cut_at_step = trainer.global_step
+            trainer.should_stop = True
+            log.warning("time budget: stopping at step %d of %d (validating once more before the stop)",
+                        trainer.global_step, trainer.max_steps)

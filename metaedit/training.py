@@ -7,7 +7,6 @@ import logging
 import os
 import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
-from metaedit.callbacks import AtomicModelCheckpoint, SaveBestEditor
+from metaedit.callbacks import AtomicModelCheckpoint, SaveBestEditor, TimeBudget
 from metaedit.editors.io import build_editor, load_editor, model_config_for, save_editor
 from metaedit.evaluation import evaluate_editor, format_report
 from metaedit.models.loading import load_base_model
@@ -50,6 +49,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
              len(editor.inner_params), sum(p.numel() for p in editor.parameters() if p.requires_grad))
 
     is_rank_zero = True
+    budget: TimeBudget | None = None
     if editor.trainable():
         system = EditorSystem(editor, **_plain(cfg.method.loss), **_plain(cfg.method.optim), prefix_cache=cfg.prefix_cache)
         callbacks = [
@@ -59,14 +59,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             EarlyStopping(monitor="val/loss", patience=cfg.patience, mode="min"),
         ]
         logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
-        extra: dict[str, Any] = {}
         if cfg.get("time_budget_s"):
-            # The whole command (base build/load, training, final evaluation) fits the budget:
-            # training gets what is left after loading, minus a reserve for the evaluation.
-            left = cfg.time_budget_s - (time.perf_counter() - t_start) - cfg.eval_reserve_s
-            extra["max_time"] = timedelta(seconds=max(30.0, left))
-            log.info("time budget: training stops after %.0f s", extra["max_time"].total_seconds())
-        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **extra)
+            # A safety stop only (training ends by max_steps): the whole command (base load,
+            # training, final evaluation) fits the budget, so training gets what is left after
+            # loading minus a reserve for the evaluation.
+            left = max(30.0, cfg.time_budget_s - (time.perf_counter() - t_start) - cfg.eval_reserve_s)
+            budget = TimeBudget(deadline=time.monotonic() + left)
+            callbacks.append(budget)
+            log.info("time budget (safety stop): training must end within %.0f s; it is planned to end at "
+                     "step %d", left, cfg.trainer.max_steps)
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
         last = run_dir / "last.ckpt"
         ckpt = str(last) if cfg.resume and last.is_file() else None
         if ckpt:
@@ -86,8 +88,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     train_seconds = round(time.perf_counter() - t_start, 1)
     if is_rank_zero:
-        steps = int(system.global_step) if editor.trainable() else 0
-        (run_dir / "train_info.json").write_text(json.dumps({"train_seconds": train_seconds, "steps": steps}))
+        info: dict[str, Any] = {"train_seconds": train_seconds, "steps": int(system.global_step) if editor.trainable() else 0}
+        if editor.trainable():
+            info["max_steps"] = int(cfg.trainer.max_steps)
+            best_val = run_dir / "best" / "val_metrics.json"
+            if best_val.is_file():
+                info["selected_step"] = json.loads(best_val.read_text()).get("global_step")
+            if budget is not None and budget.cut_at_step is not None:
+                info["time_budget_cut_at_step"] = budget.cut_at_step
+                log.warning("the time budget cut training short at step %d of %d", budget.cut_at_step, cfg.trainer.max_steps)
+        (run_dir / "train_info.json").write_text(json.dumps(info))
+        log.info("training: %s", info)
     if not (cfg.evaluate_after and is_rank_zero):
         return {}
     best = load_editor(run_dir, model=model, tokenizer=tokenizer)

@@ -49,14 +49,21 @@ def test_records_are_real_counterfactuals_with_held_out_paraphrases(built):
         assert not {t.format(s) for t in heldout_t for s in train_subjects} & train_prompts
     france = next(r for s in built.values() for r in s if r["case_id"] == "capital:France")
     assert france["requested_rewrite"]["target_true"]["str"] == "Paris"
-    # Capitals are one-to-one: the neighbourhood is the neighbouring countries, with their own answers.
-    assert dict(zip(france["neighborhood_prompts"], france["neighborhood_answers"]))["The capital of Germany is"] == "Berlin"
+    # Capitals are one-to-one: the neighbourhood is other countries of the same split (neighbouring
+    # ones first), each with its own answer.
+    split = next(s for s, recs in built.items() if france in recs)
+    same_split = {r["requested_rewrite"]["subject"]: r["requested_rewrite"]["target_true"]["str"]
+                  for r in built[split] if r["requested_rewrite"]["relation_id"] == "capital"}
+    assert len(france["neighborhood_prompts"]) == 6
+    for prompt, answer in zip(france["neighborhood_prompts"], france["neighborhood_answers"]):
+        country = prompt.removeprefix("The capital of ").removesuffix(" is")
+        assert same_split[country] == answer
 
 
 def test_worldfacts_datamodule_reads_through_the_counterfact_reader(tmp_path, built):
     data = WorldFactsData(build={"seed": 0}, name="worldfacts", data_dir=str(tmp_path / "wf"), formatter=None)
     test = data.records("test")
-    assert (tmp_path / "wf" / "test.json").is_file() and len(test) == len(built["test"])
+    assert (data.data_dir / "test.json").is_file() and len(test) == len(built["test"])
     rec = test[0]
     assert rec["prompt"] == rec["prompt"].strip() and rec["target_true"] and rec["rephrases"] and rec["locality"]
     assert rec["generation_prompts"]
@@ -109,8 +116,10 @@ def test_malformed_published_records_name_file_and_index(tmp_path, fmt, good, ba
         read_records(path, fmt)
 
 
-def test_user_file_is_split_deterministically_by_case_id(tmp_path):
-    records = [{**ZSRE, "case_id": f"c{i}", "alt": f"Alt {i}"} for i in range(60)]
+def test_user_file_is_split_deterministically(tmp_path):
+    records = [{**ZSRE, "subject": f"Subject {i}", "src": f"Question about Subject {i}?", "case_id": f"c{i}",
+                "rephrase": f"Asked otherwise about Subject {i}?",
+                "alt": f"Alt {i}", "loc": f"nq question: q{i}"} for i in range(60)]
     (tmp_path / "mine.json").write_text(json.dumps(records))
 
     def splits():

@@ -79,6 +79,11 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
+# Bumped whenever a builder changes what it writes: built files live in a directory named by it, so
+# stale builds and the results measured on them are never mixed with new ones.
+DATA_VERSION = 2
+
+
 def hash_split(key: str, seed: int, val_frac: float, test_frac: float) -> str:
     """train / val / test for a key (a subject, a case id), from a hash: deterministic, and a key's
     split never depends on which other keys exist."""

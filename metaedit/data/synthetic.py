@@ -132,11 +132,13 @@ def corpus_texts(world: World) -> list[str]:
 def edit_records(world: World, split: str, n_loc: int = 4, seed: int = 0) -> list[dict[str, Any]]:
     """Edit records for one split, one per (subject, relation) of that split's subjects.
 
-    Out-of-scope inputs mix easy ones (other subjects) with hard ones (same subject, other relation),
-    drawn from the whole world: the base model knows every fact, so gold answers are its answers.
+    Out-of-scope inputs mix easy ones (other subjects of the same split) with hard ones (same
+    subject, other relation): the base model knows every fact, so gold answers are its answers.
     """
     rng = random.Random(f"{seed}-{split}")
-    all_facts = sorted(world.facts)
+    # Locality inputs come from this split's subjects only: a training record naming a val/test
+    # subject would train the editor to keep exactly the prompts that evaluation scores.
+    split_facts = sorted(k for k in world.facts if world.split_of[k[0]] == split)
     records = []
     for s in [x for x in world.subjects if world.split_of[x] == split]:
         for r in world.relations:
@@ -148,7 +150,7 @@ def edit_records(world: World, split: str, n_loc: int = 4, seed: int = 0) -> lis
             for other_r in rng.sample([x for x in world.relations if x != r], 1):
                 loc.append((rng.choice(TEMPLATES[other_r][0]).format(s), world.facts[(s, other_r)]))
             while len(loc) < n_loc:
-                os_, or_ = rng.choice(all_facts)
+                os_, or_ = rng.choice(split_facts)
                 if os_ == s:
                     continue
                 loc.append((rng.choice(TEMPLATES[or_][0]).format(os_), world.facts[(os_, or_)]))

