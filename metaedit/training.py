@@ -20,6 +20,7 @@ from metaedit.callbacks import AtomicModelCheckpoint, SaveBestEditor
 from metaedit.editors.io import build_editor, load_editor, model_config_for, save_editor
 from metaedit.evaluation import evaluate_editor, format_report
 from metaedit.models.loading import load_base_model
+from metaedit.precision import resolve_precision
 from metaedit.system import EditorSystem
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             EarlyStopping(monitor="val/loss", patience=cfg.patience, mode="min"),
         ]
         logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
-        extra: dict[str, Any] = {}
+        precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator", "auto"))
+        extra: dict[str, Any] = {"precision": precision}
         if cfg.get("time_budget_s"):
             # The whole command (base build/load, training, final evaluation) fits the budget:
             # training gets what is left after loading, minus a reserve for the evaluation.
