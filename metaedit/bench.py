@@ -43,11 +43,34 @@ def _same_eval(report: dict[str, Any], cfg: DictConfig, records_digest: str, edi
 
 
 def _run(args: list[str], log_path: Path) -> None:
-    """Run one of the project's entry points; its output goes to a log file named in any error."""
+    """Run one of the project's entry points; its output goes to a log file named in any error.
+
+    It runs in this process's working directory, so relative paths (data.path, paths.root_dir: ".")
+    mean the same files in both."""
+    # Hydra's argparse takes its options (--config-dir) only before the overrides.
+    options = [a for a in args[1:] if a.startswith("--")]
+    overrides = [a for a in args[1:] if not a.startswith("--")]
     with open(log_path, "w") as f:
-        res = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy())
+        res = subprocess.run([sys.executable, str(ROOT / args[0]), *options, *overrides], stdout=f,
+                             stderr=subprocess.STDOUT, env=os.environ.copy())
     if res.returncode != 0:
         raise MetaEditError(f"`{' '.join(args)}` failed (exit {res.returncode}); see {log_path}")
+
+
+def _data_args(data: DictConfig, work: Path) -> list[str]:
+    """Arguments that give train.py / evaluate.py exactly this benchmark's data settings (data.path,
+    split fractions, seed, ...).
+
+    The resolved `data` node is written as a config-group file and chosen with `data=from-bench`,
+    not passed as `data.<key>=<value>` overrides: any value (a path with spaces or commas, a list, a
+    dict) arrives as YAML, untouched by Hydra's override grammar; and a group choice is merged before
+    the tuning files (configs/tuning/), which command-line overrides would clobber (a tuned
+    data.n_edits for training, say). Resolved, the file also fixes seed and data_dir to this run's.
+    """
+    group = work / "configs" / "data"
+    group.mkdir(parents=True, exist_ok=True)
+    (group / "from-bench.yaml").write_text(OmegaConf.to_yaml(data, resolve=True))
+    return [f"--config-dir={work / 'configs'}", "data=from-bench"]
 
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:
@@ -61,7 +84,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     data = instantiate(cfg.data, formatter=make_formatter(model, tokenizer, model_cfg), _recursive_=False)
     records = digest(data.records(cfg.split)[: cfg.limit or None])
     # evaluate.py takes the base model from the editor's own config; train.py needs it named.
-    common = [f"data={cfg.data.name}", f"paths.root_dir={cfg.paths.root_dir}", f"paths.cache_dir={cfg.paths.cache_dir}"]
+    common = [*_data_args(cfg.data, work), f"paths.root_dir={cfg.paths.root_dir}", f"paths.cache_dir={cfg.paths.cache_dir}"]
     rows: list[dict[str, Any]] = []
     for name in cfg.methods:
         row: dict[str, Any] = {"method": name}

@@ -13,6 +13,7 @@ from metaedit.data.datamodule import EditDataModule
 from metaedit.data.records import digest
 from metaedit.editors.base import Editor
 from metaedit.metrics import MetricAccumulator, evaluate_edit_batch
+from metaedit.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,19 @@ def evaluate_editor(
     by_relation: dict[str, MetricAccumulator] = {}
     editor.eval()
     device = editor.device
+    progress = Progress(len(scored), unit="rec", noun="records")
+    every = max(1, -(-len(scored) // 10))  # a line per ~10% of the records
+    next_line = every
     for i, batch in enumerate(data.loader(split, limit=limit, shuffle=False)):
         outcome = evaluate_edit_batch(editor, batch.to(device), fluency_tokens, time_reference)
         acc.add(outcome)
         relation = records[i].get("relation") if records else None
         if relation:
             by_relation.setdefault(relation, MetricAccumulator()).add(outcome)
+        done = min((i + 1) * data.eval_n_edits, len(scored))
+        if done >= next_line or done == len(scored):
+            log.info("evaluate: %s edit_acc so far %.3f", progress.line(done), acc.mean("edit_exact"))
+            next_line = (done // every + 1) * every
     metrics = acc.summary()
     metrics["peak_mem_mb"] = peak_memory_mb(device)
     report: dict[str, Any] = {

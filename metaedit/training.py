@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -15,10 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
-from metaedit.callbacks import AtomicModelCheckpoint, SaveBestEditor, TimeBudget
+from metaedit.callbacks import AtomicModelCheckpoint, ProgressLog, SaveBestEditor, TimeBudget
 from metaedit.editors.io import build_editor, load_editor, model_config_for, save_editor
 from metaedit.evaluation import evaluate_editor, format_report
 from metaedit.models.loading import load_base_model
+from metaedit.precision import resolve_precision
 from metaedit.system import EditorSystem
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                   every_n_train_steps=cfg.checkpoint_every_n_steps, enable_version_counter=False),
             SaveBestEditor(run_dir),
             EarlyStopping(monitor="val/loss", patience=cfg.patience, mode="min"),
+            ProgressLog(every_n_steps=cfg.progress_every_n_steps),
         ]
         logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
+        precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator", "auto"))
+        extra: dict[str, Any] = {"precision": precision}
+        if cfg.trainer.get("enable_progress_bar", True) and not sys.stdout.isatty():
+            # A redrawn bar only garbles a log file or a pipe; ProgressLog's lines report progress there.
+            extra["enable_progress_bar"] = False
         if cfg.get("time_budget_s"):
             # A safety stop only (training ends by max_steps): the whole command (base load,
             # training, final evaluation) fits the budget, so training gets what is left after
@@ -68,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             callbacks.append(budget)
             log.info("time budget (safety stop): training must end within %.0f s; it is planned to end at "
                      "step %d", left, cfg.trainer.max_steps)
-        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **extra)
         last = run_dir / "last.ckpt"
         ckpt = str(last) if cfg.resume and last.is_file() else None
         if ckpt:

@@ -1,12 +1,17 @@
-"""bench.py's reuse of saved evaluations: only for the same settings, records and checkpoint."""
+"""bench.py: reuse of saved evaluations only for the same settings, records and checkpoint; users' own data."""
 
 from __future__ import annotations
 
+import json
+
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from metaedit.bench import _same_eval
+from metaedit.bench import _same_eval, run_bench
+from metaedit.data.readers import read_records
 from metaedit.data.records import digest
 from metaedit.editors.io import editor_digest, save_editor
+from metaedit.models.loading import CONFIG_DIR
 
 
 def test_saved_evaluation_is_reused_only_for_same_records_and_checkpoint(tmp_path, make_editor):
@@ -23,3 +28,38 @@ def test_saved_evaluation_is_reused_only_for_same_records_and_checkpoint(tmp_pat
     # The checkpoint was replaced since (here: other hyper-parameters): measure again.
     save_editor(make_editor("ft", steps=3), directory)
     assert not _same_eval(report, cfg, records, directory)
+
+
+def _counterfact(i: int, subject: str, new: str, true: str) -> dict:
+    return {
+        "case_id": i,
+        "requested_rewrite": {"prompt": "The capital of {} is", "subject": subject, "relation_id": "P36",
+                              "target_new": {"str": new}, "target_true": {"str": true}},
+        "paraphrase_prompts": [f"{subject}'s capital city is"],
+        "neighborhood_prompts": ["The capital of Peru is"],
+        "neighborhood_answers": ["Lima"],
+    }
+
+
+def test_bench_evaluates_on_the_users_own_data(tmp_path):
+    # A directory name with a space: the data settings must reach the evaluation process intact.
+    data = tmp_path / "my counterfact"
+    data.mkdir()
+    places = [("France", "Rome", "Paris"), ("Spain", "Oslo", "Madrid"), ("Japan", "Cairo", "Tokyo"),
+              ("Chile", "Bern", "Santiago")]
+    for split in ("train", "val", "test"):
+        records = [_counterfact(i, *p) for i, p in enumerate(places)]
+        (data / f"{split}.json").write_text(json.dumps(records))
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("bench", overrides=["data=counterfact", f"data.path={data}", "model=tiny-gpt2", "methods=[base]",
+                                          "limit=3", "fluency_tokens=0", f"paths.root_dir={tmp_path}",
+                                          f"out={tmp_path}/bench"])
+    doc = run_bench(cfg)
+    (row,) = doc["rows"]
+    assert row["method"] == "base" and row["status"] == "ok", row
+    assert row["n_edits"] == 3
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["data"] == "counterfact" and saved["rows"][0]["n_edits"] == 3
+    # Measured on these records: the evaluation process read the same first 3 test records.
+    report = json.loads((tmp_path / "checkpoints" / "bench" / "tiny-gpt2-counterfact" / "base-eval.json").read_text())
+    assert report["records_digest"] == digest(read_records(data / "test.json", "counterfact")[:3])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,3 +116,17 @@ def test_wandb_logger_goes_offline_when_not_logged_in(tmp_path):
     runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
     assert runs, "no offline W&B run written"
     assert "wandb sync" in res.stdout + res.stderr
+
+
+def test_training_logs_progress_lines_without_a_bar_when_not_a_terminal(tmp_path):
+    # The progress bar is left on: with stdout a pipe it is turned off, and log lines report progress.
+    fast = [a for a in FAST if a != "trainer.enable_progress_bar=false"]
+    res = run_cli(["train.py", "method=mend", "model=tiny-gpt2", "data=synthetic", *fast, "progress_every_n_steps=2",
+                   "trainer.precision=32-true"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert re.search(r"step 2/6 \(33\.3%\) [\d.]+ it/s ETA \S+ train/loss [\d.]+", out), out[-3000:]
+    assert re.search(r"step 4/6 \(66\.7%\) .* val/loss [\d.]+", out)  # the latest validation's loss
+    assert re.search(r"validation at step 3 \(\S+\): .*val/edit_acc [\d.]+ .*val/loss [\d.]+", out)
+    assert "Epoch 0" not in out  # no bar drawn into the pipe
+    assert "precision auto" not in out  # an explicit precision is used as given

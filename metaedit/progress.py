@@ -1,0 +1,45 @@
+"""Progress lines (count, rate, ETA) for `logging`: they reach a log file or a non-interactive
+terminal, where a redrawn progress bar shows nothing useful."""
+
+from __future__ import annotations
+
+import time
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> "1h02m", 2592 -> "43m12s", 7.44 -> "7.4s"."""
+    if seconds < 10:
+        return f"{max(0.0, seconds):.1f}s"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+class Progress:
+    """Rate and ETA of a counted loop, measured from construction (or from `start` done units, e.g.
+    the step a resumed training starts at, so the rate counts only this run's work)."""
+
+    def __init__(self, total: int | None, unit: str = "it", noun: str = "", start: int = 0) -> None:
+        self.total = total if total and total > 0 else None
+        self.unit, self.noun, self.start = unit, noun, start
+        self.t0 = time.perf_counter()
+
+    def line(self, done: int) -> str:
+        """E.g. "40/200 records (20.0%) 1.30 rec/s ETA 2m03s"."""
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+        noun = f" {self.noun}" if self.noun else ""
+        if self.total is None:
+            return f"{done}{noun} {rate:.2f} {self.unit}/s"
+        text = f"{done}/{self.total}{noun} ({100 * done / self.total:.1f}%) {rate:.2f} {self.unit}/s"
+        if done >= self.total:
+            text += f" in {format_duration(elapsed)}"
+        elif rate > 0:
+            text += f" ETA {format_duration((self.total - done) / rate)}"
+        return text
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
