@@ -13,6 +13,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
@@ -30,6 +31,21 @@ log = logging.getLogger(__name__)
 for _message in ("Found .* module\\(s\\) in eval mode", "Using ModelCheckpoint with manual optimization",
                  "You have overridden `transfer_batch_to_device`", "Checkpoint directory .* exists and is not empty"):
     warnings.filterwarnings("ignore", message=_message)
+
+
+class WeightsOnlyCheckpointIO(TorchCheckpointIO):
+    """Loads every Lightning checkpoint with torch.load(weights_only=True): resuming never unpickles.
+
+    `trainer.fit(weights_only=True)` alone does not guarantee it: Lightning 2.6 drops the argument
+    for strategies that restore after setup (FSDP, DeepSpeed, ModelParallel; Trainer._run), and
+    torch.load's own default then applies, which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD turns off. Our
+    checkpoints hold only tensors and plain state, so nothing in them needs unpickling.
+    """
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if map_location is None:  # keep the parent's default (tensors stay where they were saved)
+            return super().load_checkpoint(path, weights_only=True)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 def _plain(node: Any) -> Any:
@@ -76,15 +92,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             callbacks.append(budget)
             log.info("time budget (safety stop): training must end within %.0f s; it is planned to end at "
                      "step %d", left, cfg.trainer.max_steps)
-        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **extra)
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+                                          plugins=[WeightsOnlyCheckpointIO()], **extra)
         last = run_dir / "last.ckpt"
         ckpt = str(last) if cfg.resume and last.is_file() else None
         if ckpt:
             log.info("resuming from %s", ckpt)
-        # weights_only: resuming never unpickles (the checkpoint holds only tensors and plain state).
+        # weights_only: resuming never unpickles (WeightsOnlyCheckpointIO enforces it on every strategy).
         trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)
-        # The final state is a resume point too (e.g. to continue with a larger max_steps).
-        trainer.save_checkpoint(f"{last}.tmp")
+        # The final state is a resume point too (e.g. to continue with a larger max_steps). Saving's
+        # weights_only means "model weights only, no optimizer/loop state"; left unset, Lightning logs
+        # "`weights_only` was not set, defaulting to `False`" here, which is about saving, not loading.
+        trainer.save_checkpoint(f"{last}.tmp", weights_only=False)
         is_rank_zero = trainer.is_global_zero
         if is_rank_zero:
             os.replace(f"{last}.tmp", last)

@@ -2,7 +2,7 @@
 a trained editor on a split's records (one edit in memory per record, as evaluate.py runs it).
 
     python scripts/serac_threshold.py --editor checkpoints/serac-tiny-gpt2-synthetic \
-        --records data/synthetic-s0-n200/val.json
+        --records data/synthetic-s0-n200-v2/val.json
 
 In-scope = the edit prompt and its rephrases (recall: routed to the counterfactual model); out-of-
 scope = the record's locality inputs (false positive: routed there too). Choose τ on **val**, set it

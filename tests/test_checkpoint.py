@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import pickle
 
 import pytest
 import torch
+from pytorch_lightning.strategies import SingleDeviceStrategy
 from safetensors.torch import load_file
 
 from metaedit import load_editor
 from metaedit.editors.io import CONFIG, WEIGHTS
 from metaedit.types import MetaEditError
+from tests.conftest import ROOT
 from tests.test_editors import requests
 
 
@@ -95,3 +99,61 @@ def test_saving_over_an_existing_editor_is_atomic(make_editor, tmp_path):
     ed.save_pretrained(str(tmp_path / "ed"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ed"]  # no temp dirs left behind
     assert load_file(str(tmp_path / "ed" / WEIGHTS))["edit_lrs"].eq(0.5).all()
+
+
+class LateRestoreStrategy(SingleDeviceStrategy):
+    """Restores the checkpoint after setup, as FSDP and DeepSpeed do: the path on which Lightning 2.6
+    drops `trainer.fit(weights_only=...)`."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+class NotATensor:
+    """A pickled object in a checkpoint: loading it would run code, so resuming must refuse it."""
+
+
+def tiny_train_cfg(tmp_path, max_steps: int, *extra: str):
+    from hydra import compose, initialize_config_dir
+
+    overrides = ["method=mend", "model=tiny-gpt2", "data=synthetic", f"trainer.max_steps={max_steps}",
+                 "trainer.val_check_interval=1000", "checkpoint_every_n_steps=1000", "evaluate_after=false",
+                 "logger=none", "trainer.enable_progress_bar=false", f"paths.root_dir={tmp_path}", *extra]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_resuming_loads_last_ckpt_with_weights_only_on_every_strategy(tmp_path, monkeypatch, caplog):
+    from metaedit.training import train
+
+    pl_log = logging.getLogger("pytorch_lightning")  # does not propagate to the root logger
+    monkeypatch.setattr(pl_log, "handlers", [*pl_log.handlers, caplog.handler])
+    with caplog.at_level("INFO", logger="pytorch_lightning"):
+        train(tiny_train_cfg(tmp_path, 2))
+    # That Lightning line is about *saving* (model weights only or full state); the final save asks
+    # for the full state explicitly, so no run prints a line that reads as an unsafe load.
+    assert any(r.name.startswith("pytorch_lightning") for r in caplog.records)  # the check sees its logs
+    assert "`weights_only` was not set" not in caplog.text
+    last = tmp_path / "checkpoints" / "mend-tiny-gpt2-synthetic" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+
+    loads: list[object] = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    late = ["+trainer.strategy._target_=tests.test_checkpoint.LateRestoreStrategy", "+trainer.strategy.device=cpu"]
+    train(tiny_train_cfg(tmp_path, 3, *late))
+    assert loads and all(w is True for w in loads), loads  # None: torch.load's own (overridable) default
+    assert real_load(last, weights_only=True)["global_step"] == 3  # it did resume (2 -> 3 steps)
+
+    # A checkpoint holding a pickled object is refused, not unpickled.
+    checkpoint = real_load(last, weights_only=True)
+    checkpoint["smuggled"] = NotATensor()
+    torch.save(checkpoint, last)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train(tiny_train_cfg(tmp_path, 4, *late))

@@ -77,3 +77,35 @@ def test_formatter_aligns_targets_with_logits(tiny, name):
             pos = (batch.targets[row] != -100).nonzero().flatten()
             assert batch.input_ids[row, pos + 1].tolist() == ids
     assert batch.kl_mask.sum() > 0 and torch.equal(batch.kl_mask.bool().any(-1), torch.tensor([True, True]))
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])
+def test_formatter_refuses_a_target_that_does_not_fit(tiny, name):
+    from metaedit.models.loading import make_formatter
+
+    model, tok, cfg = tiny(name)
+    f = make_formatter(model, tok, {**cfg, "max_length": 8})
+    long_target = " ".join(["Port Amar"] * 8)
+    assert len(f.target_ids(long_target)) > 8
+    with pytest.raises(MetaEditError, match=rf"target '{long_target}' is \d+ tokens, longer than the [78] that fit in max_length=8"):
+        f.batch(["The capital of Kolar is"], [long_target])
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])
+def test_formatter_reports_truncated_prompts_once_and_counts_them(tiny, name, caplog):
+    from metaedit.models.loading import make_formatter
+
+    model, tok, cfg = tiny(name)
+    f = make_formatter(model, tok, {**cfg, "max_length": 12})
+    long_prompt = "In the old books of the north, written long ago, the capital of Kolar is"
+    assert len(tok(long_prompt)["input_ids"]) > 12
+    with caplog.at_level("WARNING", logger="metaedit.data.formatting"):
+        batch = f.batch([long_prompt, long_prompt, "The capital of Kolar is"], ["Port Amar"] * 3)
+        f.batch([long_prompt], ["Port Amar"])
+    warnings = [r for r in caplog.records if "cut off" in r.getMessage()]
+    assert len(warnings) == 1 and "max_length=12" in warnings[0].getMessage() and long_prompt in warnings[0].getMessage()
+    assert f.n_truncated == 3
+    assert batch.input_ids.shape[1] <= 12
+    # The kept part is the end of the prompt (what the answer follows), and the target is whole.
+    row = batch.targets[0][batch.targets[0] != -100].tolist()
+    assert row == f.target_ids("Port Amar")

@@ -188,3 +188,41 @@ def test_train_py_selects_eager_attention_for_enn_end_to_end(tmp_path):
     config = json.loads((tmp_path / "checkpoints" / "enn-tiny-gpt2-synthetic" / "best" / CONFIG).read_text())
     assert config["base_model"]["config"]["attn_implementation"] == "eager"  # load_editor reloads it the same way
     assert "exact mode" in res.stdout
+
+
+def enn_step(ed: ENNEditor, start: dict[str, torch.Tensor], req: tuple[str, str]) -> dict[str, torch.Tensor]:
+    """One ENN edit by its definition, θ' = θ − α ⊙ ∇L(θ; z_e), taken at `start` instead of ENN's θ."""
+    batch = ed.formatter.batch([req[0]], [req[1]])
+    names = [p.name for p in ed.inner_params]
+    at = {n: start[n].detach().clone().requires_grad_(True) for n in names}
+    loss = nll(forward_logits(ed.model, batch, {**start, **at}), batch.targets, reduction="sum")
+    grads = torch.autograd.grad(loss, list(at.values()))
+    return {**start, **{n: start[n] - lr * g for n, lr, g in zip(names, ed.log_lrs.exp().detach(), grads)}}
+
+
+def target_logprob(ed: ENNEditor, params: dict[str, torch.Tensor], req: tuple[str, str]) -> float:
+    batch = ed.formatter.batch([req[0]], [req[1]])
+    return -nll(forward_logits(ed.model, batch, params), batch.targets, reduction="sum").item()
+
+
+def test_enn_sequential_edits_accumulate_and_leave_base_and_theta_unchanged(make_editor):
+    ed = make_editor("enn", "tiny-gpt2", edit_lr=3.0)
+    base_before, editor_before = snapshot(ed.model), snapshot(ed)
+    first, second = requests(2)
+    seen: list[dict[str, torch.Tensor]] = []
+    final = ed.edit_sequential([first, second], after_each=lambda k, m: seen.append(dict(m.params)))
+
+    # Edit 2 starts where edit 1 ended (θ'' = θ' − α ∇L₂(θ')), not from ENN's unedited θ.
+    after_first = enn_step(ed, ed.current_params(), first)
+    expected = enn_step(ed, after_first, second)
+    assert set(final.params) == set(ed.trained_names)
+    for n in ed.trained_names:
+        torch.testing.assert_close(seen[0][n], after_first[n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(final.params[n], expected[n], rtol=1e-4, atol=1e-5)
+    # The first edit's effect survives the second: its target is far likelier than under edit 2 alone.
+    alone = ed.edit([second]).params
+    assert target_logprob(ed, final.params, first) > target_logprob(ed, alone, first) + 1.0
+    assert_unchanged(ed.model, base_before)
+    for k, v in ed.state_dict().items():  # θ and α are back in place after the sequence
+        assert torch.equal(v, editor_before[k]), k
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in ed.theta)

@@ -12,9 +12,10 @@ from metaedit import load_editor
 from metaedit.editors.io import WEIGHTS
 from metaedit.functional import forward_logits
 from metaedit.losses import nll
+from metaedit.metrics import greedy_relabel
 from metaedit.system import EditorSystem
 from metaedit.types import EditRequest, MetaEditError
-from tests.test_editors import assert_unchanged, requests, snapshot
+from tests.test_editors import WORLD, assert_unchanged, requests, snapshot
 
 
 def reqs(n: int) -> list[EditRequest]:
@@ -64,6 +65,41 @@ def test_ke_needs_the_text_of_every_edit(make_editor):
         ed.apply_edits(batch, [])
     with pytest.raises(MetaEditError, match="objective must be one of"):
         make_editor("ke", "tiny-gpt2", objective="lagrange")
+
+
+
+def test_ke_conditions_each_sequential_edit_on_the_model_as_edited_so_far(make_editor, monkeypatch):
+    """Two sequential edits of one prompt: the second's "{current prediction} >> ..." must be the
+    answer of the model after the first edit, not the unedited base's answer cached for that prompt."""
+    ed = make_editor("ke", "tiny-gpt2", init_lr=3.0)  # untrained KE: a plain descent step of size 3
+    before = snapshot(ed.model)
+    first = reqs(1)[0]
+    n_tokens = len(ed.formatter.target_ids(first.target))
+    other = next(o for o in WORLD.objects["capital"]
+                 if o != first.target and len(ed.formatter.target_ids(o)) == n_tokens)
+    second = EditRequest(first.prompt, other)  # same prompt and answer length: the same cache key
+    batch = ed.formatter.batch([first.prompt], [first.target])
+    base_answer = ed.old_answers(batch, [first])[0]
+
+    def greedy_answer(model) -> str:
+        row = greedy_relabel(model.logits, batch).targets[0]
+        return ed.formatter.tokenizer.decode(row[row != -100].tolist()).strip()
+
+    conditioned_on: list[str] = []
+    real_old_answers = ed.old_answers
+
+    def recorded_old_answers(edit, requests_):
+        answers = real_old_answers(edit, requests_)
+        conditioned_on.extend(answers)
+        return answers
+
+    monkeypatch.setattr(ed, "old_answers", recorded_old_answers)
+    after_first: list[str] = []
+    ed.edit_sequential([first, second], after_each=lambda k, m: after_first.append(greedy_answer(m)))
+    assert after_first[0] != base_answer  # the first edit changed the answer, so a stale cache would show
+    assert conditioned_on == [base_answer, after_first[0]]
+    assert real_old_answers(batch, [first]) == [base_answer]  # back on the unedited base
+    assert_unchanged(ed.model, before)
 
 
 def test_ke_constrained_lambda_rises_above_the_margin_and_falls_to_zero_below(make_editor):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
@@ -12,6 +13,8 @@ from metaedit.types import LMBatch, MetaEditError
 
 Family = Literal["causal_lm", "seq2seq_lm", "seq_classifier"]
 FAMILIES: tuple[str, ...] = ("causal_lm", "seq2seq_lm", "seq_classifier")
+
+log = logging.getLogger(__name__)
 
 
 class Formatter:
@@ -36,6 +39,8 @@ class Formatter:
             decoder_start_token_id if decoder_start_token_id is not None else tokenizer.pad_token_id
         )
         self.label2id = label2id or {}
+        # Prompts cut to fit max_length: the first is logged, the rest only counted (no log flood).
+        self.n_truncated = 0
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -51,6 +56,23 @@ class Formatter:
         if not ids:
             raise MetaEditError(f"target {target!r} tokenises to nothing")
         return ids
+
+    def _fit_prompt(self, prompt: str, ids: list[int], room: int) -> list[int]:
+        """The prompt's last `room` tokens: the answer follows the end of a prompt, so the start goes."""
+        if len(ids) <= room:
+            return ids
+        self.n_truncated += 1
+        if self.n_truncated == 1:
+            log.warning("prompt %r is %d tokens but only %d fit (max_length=%d): its start is cut off; "
+                        "further truncated prompts are counted in Formatter.n_truncated, not logged",
+                        prompt, len(ids), room, self.max_length)
+        return ids[len(ids) - room :]
+
+    def _check_target(self, target: str, ids: list[int], room: int) -> None:
+        # A cut target would train and score a different answer than the one asked for.
+        if len(ids) > room:
+            raise MetaEditError(f"target {target!r} is {len(ids)} tokens, longer than the {room} that fit in "
+                                f"max_length={self.max_length}; shorten it or raise max_length")
 
     def batch(self, prompts: Sequence[str], targets: Sequence[str]) -> LMBatch:
         if len(prompts) != len(targets):
@@ -76,10 +98,12 @@ class Formatter:
     def _causal(self, prompts: Sequence[str], targets: Sequence[str]) -> LMBatch:
         ids, tgt = [], []
         for p, t in zip(prompts, targets):
-            pi, ti = self._prompt_ids(p), self.target_ids(t)
-            seq = (pi + ti)[-self.max_length :]
-            n_prompt = len(seq) - len(ti)
-            ids.append(seq)
+            ti = self.target_ids(t)
+            # At least one prompt token must precede the target: its logits predict the first target token.
+            self._check_target(t, ti, self.max_length - 1)
+            pi = self._fit_prompt(p, self._prompt_ids(p), self.max_length - len(ti))
+            n_prompt = len(pi)
+            ids.append(pi + ti)
             # logits at position i predict token i+1: targets are the sequence shifted left by one.
             tgt.append([-100] * (n_prompt - 1) + ti + [-100])
         input_ids = self._pad(ids, self.tokenizer.pad_token_id)
@@ -87,8 +111,10 @@ class Formatter:
         return LMBatch(input_ids, mask, self._pad(tgt, -100), mask.clone())
 
     def _seq2seq(self, prompts: Sequence[str], targets: Sequence[str]) -> LMBatch:
-        enc = [self._prompt_ids(p)[-self.max_length :] for p in prompts]
-        tis = [self.target_ids(t)[: self.max_length] for t in targets]
+        tis = [self.target_ids(t) for t in targets]
+        for t, ti in zip(targets, tis):
+            self._check_target(t, ti, self.max_length)
+        enc = [self._fit_prompt(p, self._prompt_ids(p), self.max_length) for p in prompts]
         dec_in = [[self.decoder_start_token_id] + t[:-1] for t in tis]
         dec_mask = self._pad([[1] * len(r) for r in dec_in], 0)
         return LMBatch(
@@ -110,7 +136,7 @@ class Formatter:
                 labels.append(int(key))
             else:
                 raise MetaEditError(f"classifier target {t!r} is not a label; valid: {sorted(self.label2id)}")
-        enc = [self._prompt_ids(p)[-self.max_length :] for p in prompts]
+        enc = [self._fit_prompt(p, self._prompt_ids(p), self.max_length) for p in prompts]
         n = len(enc)
         return LMBatch(
             input_ids=self._pad(enc, self.tokenizer.pad_token_id),

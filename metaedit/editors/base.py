@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -97,19 +98,30 @@ class Editor(nn.Module, ABC):
     ) -> EditedModel:
         """Apply requests one at a time, each to the model as already edited by the previous ones.
 
-        The running edit is swapped into the base for the duration of each step (and restored in
-        `finally`), so the editor sees the edited weights while the caller's model stays unchanged.
-        `after_each(k, edited)` is called after the k-th edit (e.g. to evaluate).
+        Each step runs inside `editing_from(running edit)`, so the editor sees the edited weights
+        while the caller's model stays unchanged. `after_each(k, edited)` is called after the k-th
+        edit (e.g. to evaluate).
         """
         params: dict[str, Tensor] = {}
         for k, request in enumerate(requests):
-            current = {n: nn.Parameter(v, requires_grad=False) for n, v in params.items()}
-            with swapped_params(self.model, current):
+            with self.editing_from(params):
                 step = self.edit([request])
             params.update(step.params)
             if after_each is not None:
                 after_each(k, EditedModel(self.model, params))
         return EditedModel(self.model, params)
+
+    @contextmanager
+    def editing_from(self, params: Mapping[str, Tensor]) -> Iterator[None]:
+        """Make the next edits start from the model as edited by `params` (name -> tensor).
+
+        By default the edited tensors are swapped into the base (restored in `finally`). An editor
+        whose edits start from its own copy of base parameters (ENN's θ) must swap that copy too,
+        or each step of a sequence would start from the unedited copy and drop the earlier edits.
+        """
+        current = {n: nn.Parameter(v.detach(), requires_grad=False) for n, v in params.items()}
+        with swapped_params(self.model, current):
+            yield
 
     @property
     def device(self) -> torch.device:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from metaedit.editors.base import Editor
-from metaedit.functional import EditedModel, forward_logits
+from metaedit.functional import EditedModel, forward_logits, swapped_params
 from metaedit.losses import nll, token_kl
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
@@ -79,6 +80,15 @@ class ENNEditor(Editor):
     def current_params(self) -> dict[str, Tensor]:
         """The meta-trained θ (the editor's copy), by base parameter name."""
         return {n: p.to(self.model.get_parameter(n).dtype) for n, p in zip(self.trained_names, self.theta)}
+
+    @contextmanager
+    def editing_from(self, params: Mapping[str, Tensor]) -> Iterator[None]:
+        # Edits start from θ (current_params), not from the base's weights: in a sequence, θ itself
+        # must be the running edit for the next step, and θ is put back in `finally`.
+        theta = {f"theta.{i}": nn.Parameter(params[n].detach(), requires_grad=False)
+                 for i, n in enumerate(self.trained_names) if n in params}
+        with super().editing_from(params), swapped_params(self, theta):
+            yield
 
     def base_logits(self, batch: LMBatch) -> Tensor:
         # An edit must leave the *meta-trained* model unchanged elsewhere; θ0 enters only via c_base.

@@ -85,8 +85,10 @@ class KEEditor(Editor):
         self.register_buffer("lagrange", torch.tensor(float(lambda_init)))
         self.register_buffer("margin", torch.tensor(float(margin_init)))
         self.register_buffer("success_ema", torch.tensor(0.0))
-        # The base is frozen, so its greedy answer to a prompt never changes: computed once.
+        # Greedy answers of the model *as it currently is*, valid only while its parameters are
+        # the same objects at the same in-place version (see _answers_valid_for).
         self._old_answers: dict[tuple[str, int], str] = {}
+        self._answers_state: list[tuple[Tensor, int]] = []
 
     def hparams(self) -> dict[str, Any]:
         return {"hidden": self.hidden, "cond_dim": self.cond_dim, "init_lr": self.init_lr, "objective": self.objective,
@@ -95,12 +97,29 @@ class KEEditor(Editor):
                 "success_decay": self.success_decay}
 
     # ---- conditioning ---------------------------------------------------------------------------
+    def _forget_answers_if_the_model_changed(self) -> None:
+        """Drop the cached answers unless they were computed by the model as it is now.
+
+        In meta-training the base is frozen and the cache lives on; in a sequence of edits
+        (edit_sequential swaps each running edit into the base) the model changes every step, and
+        the unedited base's cached answer would condition the next edit on a stale prediction.
+        """
+        # Holding the tensors themselves (not their ids) keeps an id from being reused by another one.
+        state = [(p, p._version) for p in self.model.parameters()]
+        if len(state) == len(self._answers_state) and all(
+            p is q and v == w for (p, v), (q, w) in zip(state, self._answers_state)
+        ):
+            return
+        self._old_answers.clear()
+        self._answers_state = state
+
     def old_answers(self, edit: LMBatch, requests: Sequence[EditRequest]) -> list[str]:
-        """The base model's greedy answer to each prompt, as many tokens long as the new target (the
-        same convention as loc_retain's greedy answers)."""
+        """The current model's greedy answer to each prompt, as many tokens long as the new target
+        (the same convention as loc_retain's greedy answers)."""
         assert self.formatter is not None
         lengths = (edit.targets != -100).sum(-1).tolist()
         keys = [(r.prompt, n) for r, n in zip(requests, lengths)]
+        self._forget_answers_if_the_model_changed()
         if any(k not in self._old_answers for k in keys):
             relabelled = greedy_relabel(lambda b: forward_logits(self.model, b), edit)
             if len(self._old_answers) > 100_000:
