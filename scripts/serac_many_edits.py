@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from metaedit.data.synthetic import TEMPLATES, _unique_words, build_world, edit_records
+from metaedit.decoding import greedy_relabel
 from metaedit.editors.io import load_editor
 from metaedit.functional import forward_logits
 from metaedit.losses import exact_correct
-from metaedit.metrics import greedy_relabel
 from metaedit.types import EditRequest
 
 ROWS = 128  # rows per forward when scoring

@@ -58,8 +58,8 @@ def test_fluency_is_weighted_ngram_entropy():
 def test_greedy_relabel_matches_generate(tiny, model_name):
     """The base's own answers used for loc_retain are what greedy generation produces, token for
     token, with or without the caller's first-pass logits, for answers of different lengths."""
+    from metaedit.decoding import greedy_relabel
     from metaedit.functional import forward_logits
-    from metaedit.metrics import greedy_relabel
     from metaedit.models.loading import make_formatter
 
     model, tok, cfg = tiny(model_name)

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from metaedit import load_editor
+from metaedit.decoding import greedy_relabel
 from metaedit.editors.io import WEIGHTS
 from metaedit.functional import forward_logits
 from metaedit.losses import nll
-from metaedit.metrics import greedy_relabel
 from metaedit.system import EditorSystem
 from metaedit.types import EditRequest, MetaEditError
 from tests.test_editors import WORLD, assert_unchanged, requests, snapshot

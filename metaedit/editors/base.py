@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from metaedit.data.formatting import Formatter
+from metaedit.editors.checkpoint import save_editor
 from metaedit.functional import EditedModel, forward_logits, swapped_params
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
@@ -128,6 +129,4 @@ class Editor(nn.Module, ABC):
         return next(self.model.parameters()).device
 
     def save_pretrained(self, directory: str) -> None:
-        from metaedit.editors.io import save_editor
-
         save_editor(self, directory)

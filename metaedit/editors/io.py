@@ -1,30 +1,27 @@
-"""Editor checkpoints: editor.safetensors + editor_config.json, never base weights, never pickle."""
+"""Building editors by method name and loading saved ones (writing them is `checkpoint.py`, which
+the base class uses without this module's registry of every editor)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-import metaedit
 from metaedit.editors.base import Editor
+from metaedit.editors.checkpoint import CONFIG, WEIGHTS, editor_digest, resolve_editor_dir, save_editor
 from metaedit.editors.registry import editor_class
 from metaedit.models.fingerprint import fingerprint
 from metaedit.models.inner_params import InnerParam, resolve_inner_params
 from metaedit.models.loading import load_base_model, load_tokenizer, make_formatter
 from metaedit.types import MetaEditError
-from metaedit.utils import atomic_dir
 
 log = logging.getLogger(__name__)
-WEIGHTS, CONFIG = "editor.safetensors", "editor_config.json"
-FORMAT_VERSION = 1
+__all__ = ["build_editor", "editor_digest", "load_editor", "model_config_for", "resolve_editor_dir", "save_editor"]
 
 
 def model_config_for(method: str, model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -57,50 +54,6 @@ def build_editor(
     if tokenizer is not None:
         editor.formatter = make_formatter(model, tokenizer, model_cfg)
     return editor
-
-
-def save_editor(editor: Editor, directory: str | Path) -> Path:
-    directory = Path(directory)
-    config = {
-        "format": FORMAT_VERSION,
-        "method": editor.method,
-        "metaedit_version": metaedit.__version__,
-        "hparams": editor.hparams(),
-        "inner_params": [asdict(p) for p in editor.inner_params],
-        "base_model": {
-            "config": getattr(editor, "model_cfg", {}),
-            "fingerprint": fingerprint(editor.model),
-        },
-    }
-    # contiguous() + clone(): safetensors refuses shared or strided storage.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in editor.state_dict().items()}
-    with atomic_dir(directory) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"method": editor.method})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
-    return directory
-
-
-def resolve_editor_dir(path: str | Path) -> Path:
-    """Accept an editor directory or a training run directory (whose best editor is in `best/`)."""
-    path = Path(path)
-    if not path.exists():
-        raise MetaEditError(f"editor directory not found: {path}")
-    if not (path / CONFIG).exists() and (path / "best" / CONFIG).exists():
-        path = path / "best"
-    missing = [f for f in (CONFIG, WEIGHTS) if not (path / f).is_file()]
-    if missing:
-        raise MetaEditError(f"incomplete editor directory {path}: missing {', '.join(missing)}")
-    return path
-
-
-def editor_digest(path: str | Path) -> str:
-    """A content hash of a saved editor (its weights and config): tells whether a saved evaluation
-    was made with the checkpoint that is there now."""
-    path = resolve_editor_dir(path)
-    h = hashlib.sha256()
-    for name in (CONFIG, WEIGHTS):
-        h.update((path / name).read_bytes())
-    return h.hexdigest()[:16]
 
 
 def load_editor(

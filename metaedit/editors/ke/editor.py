@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from metaedit.decoding import greedy_relabel
 from metaedit.editors.base import Editor
 from metaedit.editors.ke.networks import ConditionEncoder, MatrixConditioner
 from metaedit.functional import EditedModel, forward_logits
 from metaedit.hooks import capture_layer_io
 from metaedit.losses import nll
-from metaedit.metrics import greedy_relabel
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
