@@ -22,7 +22,7 @@ from metaedit.decoding import greedy_relabel
 from metaedit.editors.base import Editor
 from metaedit.functional import EditedModel, forward_logits
 from metaedit.losses import exact_correct, mean_target_logprob, nll, token_correct, token_kl
-from metaedit.prefix import frozen_prefix, with_prefix
+from metaedit.prefix import frozen_prefix, with_prefix, with_prefixes
 from metaedit.types import EditBatch, LMBatch
 
 EXACT_KEYS = ("edit_acc", "rephrase_acc", "loc_retain", "drawdown")
@@ -69,12 +69,9 @@ def evaluate_edit_batch(
     # itself (timed below) gets no precomputed prefix.
     runner = frozen_prefix(editor.model, [p.name for p in editor.inner_params])
 
-    def pre(b: LMBatch) -> LMBatch:
-        return with_prefix(runner, b)
-
-    loc = pre(batch.loc)
+    loc = with_prefix(runner, batch.loc)
     pre_loc = editor.base_logits(loc)
-    loc_pred = pre(greedy_relabel(editor.base_logits, batch.loc, first_logits=pre_loc))
+    loc_pred = greedy_relabel(editor.base_logits, batch.loc, first_logits=pre_loc)
     pre_gold = exact_correct(pre_loc, batch.loc.targets)
     _sync(editor.device)
     t0 = time.perf_counter()
@@ -82,9 +79,10 @@ def evaluate_edit_batch(
     _sync(editor.device)
     edit_ms = (time.perf_counter() - t0) * 1000
     ref_ms = time_forward_backward(editor.model, batch.edit) if time_reference else None
-    scored = [pre(batch.edit), pre(batch.inscope), loc_pred, loc]
-    cf = [pre(b) for b in (batch.edit_true, batch.inscope_true, batch.loc_new) if b is not None]
-    post_edit, post_in, post_pred, post_gold, *post_cf = post_edit_logits(edited, *scored, *(cf if len(cf) == 3 else []))
+    cf = [b for b in (batch.edit_true, batch.inscope_true, batch.loc_new) if b is not None]
+    # The prefixes of every scored batch in one pass (the locality one is already there).
+    scored = with_prefixes(runner, [batch.edit, batch.inscope, loc_pred, loc, *(cf if len(cf) == 3 else [])])
+    post_edit, post_in, post_pred, post_gold, *post_cf = post_edit_logits(edited, *scored)
     out = {
         "edit_exact": exact_correct(post_edit, batch.edit.targets).float(),
         "edit_token": token_correct(post_edit, batch.edit.targets),

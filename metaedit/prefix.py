@@ -13,7 +13,7 @@ encoder-decoders) the model simply runs in full.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -176,3 +176,20 @@ def with_prefix(runner: FrozenPrefix | None, batch: LMBatch) -> LMBatch:
     if runner is None or batch.prefix is not None:
         return batch
     return replace(batch, prefix=runner.hidden(batch))
+
+
+def with_prefixes(runner: FrozenPrefix | None, batches: Sequence[LMBatch]) -> list[LMBatch]:
+    """`with_prefix` for several batches in ONE prefix forward (rows stacked, right-padded): a few
+    larger matmuls instead of one small prefix pass per batch. Right padding leaves every real
+    position's hidden state unchanged, so batch i's prefix is its rows and its own width."""
+    todo = [i for i, b in enumerate(batches) if b.prefix is None]
+    out = list(batches)
+    if runner is None or not todo:
+        return out
+    hidden = runner.hidden(LMBatch.concat([batches[i] for i in todo]))
+    start = 0
+    for i in todo:
+        b = batches[i]
+        out[i] = replace(b, prefix=hidden[start : start + len(b), : b.width])
+        start += len(b)
+    return out

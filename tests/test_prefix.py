@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metaedit.functional import forward_logits
-from metaedit.prefix import PrefixCache, frozen_prefix, with_prefix
+from metaedit.prefix import PrefixCache, frozen_prefix, with_prefix, with_prefixes
 
 
 def _batch(editor):
@@ -45,3 +45,17 @@ def test_replay_falls_back_when_it_cannot_be_exact(make_editor):
     torch.testing.assert_close(forward_logits(llama.model, batch, params), forward_logits(llama.model, plain, params))
     t5 = make_editor("ft", "tiny-t5")  # encoder-decoder: no replay
     assert frozen_prefix(t5.model, [p.name for p in t5.inner_params]) is None
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_one_prefix_pass_for_several_batches_matches_one_pass_each(make_editor, name):
+    editor = make_editor("ft", name)
+    runner = frozen_prefix(editor.model, [p.name for p in editor.inner_params])
+    batches = [_batch(editor), editor.formatter.batch(["Toudu is led by"], ["Port Nexrir of the long name"]),
+               editor.formatter.batch(["The capital of the land of Fasklorul is", "x"], ["B", "Bounklor"])]
+    together = with_prefixes(runner, batches)
+    for b, t in zip(batches, together):
+        one = with_prefix(runner, b)
+        assert t.prefix.shape == one.prefix.shape
+        torch.testing.assert_close(t.prefix, one.prefix, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(forward_logits(editor.model, t), forward_logits(editor.model, b), atol=1e-5, rtol=1e-5)
