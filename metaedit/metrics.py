@@ -49,13 +49,17 @@ def post_edit_logits(edited: EditedModel, *batches: LMBatch) -> list[Tensor]:
     return out
 
 
-def outer_losses(editor: Editor, batch: EditBatch) -> tuple[Tensor, Tensor, Tensor, EditedModel, Tensor]:
-    """Apply the editor and return (L_edit on in-scope rephrases, L_loc KL, pre-edit loc logits,
-    edited model, post-edit in-scope logits)."""
-    edited = editor.apply_edits(batch.edit, batch.requests)
+def outer_losses(
+    editor: Editor, batch: EditBatch, edited: EditedModel | None = None
+) -> tuple[Tensor, Tensor, Tensor, EditedModel, Tensor]:
+    """Apply the editor (unless `edited` is given) and return (L_edit on in-scope rephrases, L_loc KL,
+    pre-edit loc logits, edited model, post-edit in-scope logits). The pre-edit logits are the
+    batch's `loc_base` when it carries them (the unedited model's), else the editor's base logits."""
+    if edited is None:
+        edited = editor.apply_edits(batch.edit, batch.requests)
     post_in, post_loc = post_edit_logits(edited, batch.inscope, batch.loc)
     l_edit = nll(post_in, batch.inscope.targets)
-    pre_loc = editor.base_logits(batch.loc)
+    pre_loc = batch.loc_base if batch.loc_base is not None else editor.base_logits(batch.loc)
     l_loc = token_kl(pre_loc, post_loc, batch.loc.kl_mask)
     return l_edit, l_loc, pre_loc, edited, post_in
 

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from metaedit.editors.base import Editor
+from metaedit.functional import EditedModel
 from metaedit.losses import exact_correct
 from metaedit.metrics import MetricAccumulator, evaluate_edit_batch, outer_losses
 from metaedit.prefix import PrefixCache, frozen_prefix
@@ -56,6 +57,7 @@ class EditorSystem(pl.LightningModule):
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self._val = MetricAccumulator()
+        self._finite = False
         # Frozen-prefix replay (metaedit.prefix): the base's blocks before the first inner param are
         # run once per distinct input for the whole run instead of in every step.
         runner = frozen_prefix(editor.model, [p.name for p in editor.inner_params]) if prefix_cache else None
@@ -88,11 +90,9 @@ class EditorSystem(pl.LightningModule):
     def transfer_batch_to_device(self, batch: EditBatch, device: torch.device, dataloader_idx: int) -> EditBatch:
         return batch.to(device)
 
-    def _objective(self, batch: EditBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.prefix is not None:
-            batch = replace(batch, edit=self.prefix.attach(batch.edit), inscope=self.prefix.attach(batch.inscope),
-                            loc=self.prefix.attach(batch.loc))
-        l_edit, l_loc, _, edited, post_in = outer_losses(self.editor, batch)
+    def _objective(self, batch: EditBatch, edited: EditedModel | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The outer loss of `batch` on `edited` (default: the editor applied to the batch's edits)."""
+        l_edit, l_loc, _, edited, post_in = outer_losses(self.editor, batch, edited)
         success = exact_correct(post_in.detach(), batch.inscope.targets).float().mean()
         loss = self.editor.outer_objective(l_edit, l_loc, self.c_edit, self.c_loc, edit_success=success)
         logs = {"loss_edit": l_edit.detach(), "loss_loc": l_loc.detach()}
@@ -103,13 +103,29 @@ class EditorSystem(pl.LightningModule):
         logs["loss"] = loss.detach()
         return loss, logs
 
+    def _backward(self, loss: torch.Tensor, check: torch.Tensor | None = None) -> None:
+        """Back-propagate `loss` (scaled for accumulation) unless `check` (default: the loss) is not
+        finite on some rank; every rank must take the same decision, or DDP's gradient all-reduce
+        would deadlock."""
+        value = loss if check is None else check
+        self._finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(value)), all=True)
+        if self._finite:
+            self.manual_backward(loss / self.accumulate)
+
+    def outer_step(self, batch: EditBatch) -> tuple[dict[str, torch.Tensor], bool]:
+        """Outer loss and backward of one training batch (no optimizer step); (logs, finite)."""
+        if self.prefix is not None:
+            batch = replace(batch, edit=self.prefix.attach(batch.edit), inscope=self.prefix.attach(batch.inscope),
+                            loc=self.prefix.attach(batch.loc))
+        with torch.no_grad():
+            batch = replace(batch, loc_base=self.editor.base_logits(batch.loc))
+        self._finite = False
+        logs = self.editor.training_loss_and_backward(batch, self._objective, self._backward)
+        return logs, self._finite
+
     def training_step(self, batch: EditBatch, batch_idx: int) -> None:
         opt = self.optimizers()
-        loss, logs = self._objective(batch)
-        # Every rank must take the same decision, or DDP's gradient all-reduce would deadlock.
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if finite:
-            self.manual_backward(loss / self.accumulate)
+        logs, finite = self.outer_step(batch)
         if (batch_idx + 1) % self.accumulate == 0 or not finite:
             params = [p for p in self.editor.parameters() if p.requires_grad]
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if finite else torch.tensor(math.nan)

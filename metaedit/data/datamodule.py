@@ -82,6 +82,7 @@ class EditCollator:
             inscope_owner=torch.tensor(owner),
             loc_prompts=loc_p,
             loc_answers=loc_a,
+            loc_owner=torch.tensor(loc_owner, dtype=torch.long),
             **counterfact,
         )
 

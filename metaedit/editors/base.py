@@ -82,6 +82,26 @@ class Editor(nn.Module, ABC):
         accuracy, no gradient) is there for objectives with a schedule that depends on it."""
         return c_edit * l_edit + c_loc * l_loc
 
+    def training_loss_and_backward(
+        self,
+        batch: EditBatch,
+        objective: Callable[..., tuple[Tensor, dict[str, Tensor]]],
+        backward: Callable[..., None],
+    ) -> dict[str, Tensor]:
+        """One training step's outer loss and its backward pass; returns the logged terms (with "loss").
+
+        `objective(batch, edited=None) -> (loss, logs)` is the trainer's outer loss; with `edited`
+        None it applies this editor to `batch.edit`. `backward(loss, check=None)` back-propagates a
+        scalar into this editor's parameters (scaled for gradient accumulation; skipped on every
+        rank when `check`, default the loss itself, is not finite); call it exactly once. Default: one
+        graph from the editor's parameters through the edited model to the loss. An editor that
+        gets its gradient another way (MALMEN splits the graph at the weight shift) overrides this;
+        the objective's terms then must depend on the editor only through `edited`.
+        """
+        loss, logs = objective(batch)
+        backward(loss)
+        return logs
+
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
