@@ -106,8 +106,10 @@ def test_a_batch_too_large_names_the_chunk_setting(make_editor):
 
 @pytest.mark.slow
 def test_malmen_trains_with_train_py_and_its_checkpoint_round_trips(tmp_path):
+    # Lifelong on too: sequences of 3 steps, each step's loss with the previous 2 steps' edits.
     res = run_cli(["train.py", "method=malmen", "model=tiny-gpt2", "data=synthetic", "data.n_edits=6",
-                   "method.editor.chunk_size=4", "method.editor.rank=16", *FAST], tmp_path)
+                   "method.editor.chunk_size=4", "method.editor.rank=16",
+                   "method.loss.lifelong={steps_back:2,gamma:0.9,l2:0.001,seq_len:3}", *FAST], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "checkpoints" / "malmen-tiny-gpt2-synthetic"
     assert json.loads((run / "train_info.json").read_text())["steps"] == 6
@@ -122,3 +124,40 @@ def test_malmen_trains_with_train_py_and_its_checkpoint_round_trips(tmp_path):
         before = nll(forward_logits(ed.model, batch), batch.targets)
         assert torch.equal(ed.apply_edits(batch, []).logits(batch), again.apply_edits(batch, []).logits(batch))
         assert nll(ed.apply_edits(batch, []).logits(batch), batch.targets) != before
+
+
+@pytest.mark.parametrize("method", ["mend", "malmen"])
+def test_lifelong_loss_includes_the_earlier_edits_of_the_sequence(make_editor, method):
+    from metaedit.data.datamodule import EditCollator
+    from tests.test_editors import TEST_SUBJECTS, WORLD
+    from tests.test_protocols import _record
+
+    ed = make_editor(method, "tiny-gpt2")
+    ed.eval()  # frozen running norms: the runs below see the same networks
+    reqs = requests(4)
+    collate = EditCollator(ed.formatter, sample=False)
+    first, second = collate([_record(*r) for r in reqs[:2]]), collate([_record(*r) for r in reqs[2:]])
+    other_targets = [next(o for o in WORLD.objects["capital"] if o not in (t, WORLD.facts[(s, "capital")]))
+                     for s, (_, t) in zip(TEST_SUBJECTS, reqs[:2])]
+    first_changed = collate([_record(p, t) for (p, _), t in zip(reqs[:2], other_targets)])
+
+    def second_step(first_batch):
+        system = EditorSystem(ed, prefix_cache=False, lifelong={"steps_back": 2, "gamma": 0.5, "l2": 1.0, "seq_len": 4})
+
+        def backward(loss, check=None):
+            loss.backward()
+            system._finite = True
+
+        system._backward = backward
+        logs1, _ = system.outer_step(first_batch)
+        assert "loss_edit_prev" not in logs1 and system._running  # the next step starts from this edit
+        ed.zero_grad(set_to_none=True)
+        logs2, finite = system.outer_step(second)
+        assert finite and logs2["loss_edit_prev"] > 0 and logs2["loss_l2"] > 0
+        return logs2, [p.grad.clone() for p in ed.parameters() if p.grad is not None]
+
+    logs, grads = second_step(first)
+    logs_changed, grads_changed = second_step(first_changed)
+    # Step 2's own edits are the same; only the earlier edits' targets differ, and so do loss and gradient.
+    assert logs["loss_edit_prev"] != logs_changed["loss_edit_prev"] and logs["loss"] != logs_changed["loss"]
+    assert any(not torch.allclose(a, b) for a, b in zip(grads, grads_changed))
