@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from metaedit.data.records import digest
 from metaedit.editors.io import build_editor, editor_digest, save_editor
 from metaedit.editors.registry import EDITORS
+from metaedit.evaluation import protocol_from
 from metaedit.models.loading import CONFIG_DIR, load_base_model, make_formatter
+from metaedit.protocols import Protocol
 from metaedit.types import MetaEditError
 
 log = logging.getLogger(__name__)
@@ -34,12 +36,24 @@ def _method_hparams(method: str) -> dict[str, Any]:
 
 
 def _same_eval(report: dict[str, Any], cfg: DictConfig, records_digest: str, editor_dir: Path) -> bool:
-    """A saved evaluation is reusable only if it was made with this benchmark's settings, on the same
-    records, with the checkpoint that is there now."""
+    """A saved evaluation is reusable only if it was made with this benchmark's settings (protocol
+    included), on the same records, with the checkpoint that is there now."""
+    protocol = protocol_from(cfg)
+    # Reports written before protocols existed were all single.
     made = (report.get("data"), report.get("split"), report.get("limit"), report.get("fluency_tokens"),
+            report.get("protocol", "single"), report.get("n", 1), report.get("batch", 1),
             report.get("records_digest"), report.get("editor_digest"))
-    now = (cfg.data.name, cfg.split, cfg.limit, cfg.fluency_tokens, records_digest, editor_digest(editor_dir))
+    now = (cfg.data.name, cfg.split, cfg.limit, cfg.fluency_tokens, protocol.name, protocol.n, protocol.batch,
+           records_digest, editor_digest(editor_dir))
     return made == now and "fwd_bwd_ms" in report["metrics"]
+
+
+def protocol_tag(protocol: Protocol) -> str:
+    """File-name suffix of a protocol ("" for single), so results of different protocols never
+    overwrite (or get merged into) each other."""
+    if protocol.name == "single":
+        return ""
+    return f"-batch{protocol.n}" if protocol.name == "batch" else f"-seq{protocol.n}x{protocol.batch}"
 
 
 def _run(args: list[str], log_path: Path) -> None:
@@ -76,7 +90,9 @@ def _data_args(data: DictConfig, work: Path) -> list[str]:
 def run_bench(cfg: DictConfig) -> dict[str, Any]:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model_cfg, dict)
-    out = Path(cfg.out)
+    protocol = protocol_from(cfg)
+    tag = protocol_tag(protocol)
+    out = Path(f"{cfg.out}{tag}")
     work = Path(cfg.paths.checkpoint_dir) / "bench" / f"{cfg.model.name}-{cfg.data.name}"
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,14 +133,15 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
             info = editor_dir / "train_info.json"
             train_info = json.loads(info.read_text()) if info.is_file() else {}
         del editor
-        result = work / f"{name}-eval.json"
+        result = work / f"{name}-eval{tag}.json"
         t0 = time.perf_counter()
         if cfg.reuse and result.is_file() and _same_eval(json.loads(result.read_text()), cfg, records, editor_dir):
             log.info("reusing %s (reuse=true)", result)
         else:
             log.info("evaluating %s on %s edits (log: %s)", name, cfg.limit, work / f"{name}-eval.log")
             _run(["evaluate.py", f"editor={editor_dir}", *common, f"split={cfg.split}", f"limit={cfg.limit}",
-                  f"fluency_tokens={cfg.fluency_tokens}", "time_reference=true", f"output={result}"],
+                  f"fluency_tokens={cfg.fluency_tokens}", "time_reference=true", f"protocol={protocol.name}",
+                  f"n={protocol.n}", f"batch={protocol.batch}", f"output={result}"],
                  work / f"{name}-eval.log")
         report = json.loads(result.read_text())
         m = report["metrics"]
@@ -140,15 +157,20 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         rows.append(row)
         log.info("%s: %s", name, {k: row.get(k) for k in ("es", "ps", "ns", "score", "edit_ms")})
     previous = out.with_suffix(".json")
-    if cfg.merge and previous.is_file():
+    old = json.loads(previous.read_text()) if cfg.merge and previous.is_file() else None
+    if old is not None and (old.get("protocol", "single"), old.get("n", 1), old.get("batch", 1)) != (
+            protocol.name, protocol.n, protocol.batch):
+        log.warning("not merging %s: it was made with another protocol", previous)
+        old = None
+    if old is not None:
         # Keep the rows of methods not run this time (e.g. re-running only a newly trained editor).
         ran = {r["method"] for r in rows}
-        old = json.loads(previous.read_text())
         order = list(cfg.methods) + [r["method"] for r in old["rows"] if r["method"] not in cfg.methods]
         by_name = {r["method"]: r for r in old["rows"] if r["method"] not in ran} | {r["method"]: r for r in rows}
         rows = [by_name[m] for m in dict.fromkeys(order) if m in by_name]
     result_doc = {
         "model": cfg.model.name, "data": cfg.data.name, "split": cfg.split, "limit": cfg.limit, "mode": "exact",
+        "protocol": protocol.name, "n": protocol.n, "batch": protocol.batch,
         "fluency_tokens": cfg.fluency_tokens, "command": " ".join(["python bench.py", *sys.argv[1:]]), "rows": rows,
     }
     (out.with_suffix(".json")).write_text(json.dumps(result_doc, indent=1))
@@ -167,7 +189,8 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(doc: dict[str, Any]) -> str:
-    lines = [f"{doc['model']} / {doc['data']}:{doc['split']} — first {doc['limit']} edits, one at a time, "
+    protocol = Protocol(doc.get("protocol", "single"), doc.get("n", 1), doc.get("batch", 1))
+    lines = [f"{doc['model']} / {doc['data']}:{doc['split']} — first {doc['limit']} edits, {protocol.describe()}, "
              f"accuracies in {doc['mode']} mode; made with `{doc['command']}`", "",
              "| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for r in doc["rows"]:

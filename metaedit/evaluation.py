@@ -12,8 +12,10 @@ import torch
 from metaedit.data.datamodule import EditDataModule
 from metaedit.data.records import digest
 from metaedit.editors.base import Editor
-from metaedit.metrics import MetricAccumulator, evaluate_edit_batch
+from metaedit.metrics import MAX_ROWS, MetricAccumulator, evaluate_edit_batch
 from metaedit.progress import Progress
+from metaedit.protocols import Protocol
+from metaedit.types import MetaEditError
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +30,36 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def evaluate_editor(
     editor: Editor, data: EditDataModule, split: str = "test", limit: int | None = None, fluency_tokens: int = 0,
-    time_reference: bool = False,
+    time_reference: bool = False, protocol: Protocol | None = None, max_rows: int = MAX_ROWS,
 ) -> dict[str, Any]:
     """Exact-mode metrics (and token-mode beside them, labelled) over `split`; CounterFact scores when
-    the records have true objects, fluency from `fluency_tokens`-token generations when > 0."""
+    the records have true objects, fluency from `fluency_tokens`-token generations when > 0.
+
+    `protocol` (DESIGN §3) says how the records' edits reach the model: the records are taken in
+    groups of `protocol.n`, each group edited from the unedited model and scored on all its edits.
+    Default: groups of the data's `eval_n_edits` applied together (single when 1).
+    """
+    protocol = protocol or Protocol.together(data.eval_n_edits)
     acc = MetricAccumulator()
     scored = data.records(split)[: limit or None]
-    # With one edit per batch, batch i is record i: its outcomes also go to its relation's accumulator.
-    records = scored if data.eval_n_edits == 1 else []
+    if len(scored) % protocol.n:
+        log.warning("evaluate: %d records is not a multiple of n=%d; the last group has %d edits",
+                    len(scored), protocol.n, len(scored) % protocol.n)
+    # With one edit per group, group i is record i: its outcomes also go to its relation's accumulator.
+    records = scored if protocol.n == 1 else []
     by_relation: dict[str, MetricAccumulator] = {}
     editor.eval()
     device = editor.device
     progress = Progress(len(scored), unit="rec", noun="records")
     every = max(1, -(-len(scored) // 10))  # a line per ~10% of the records
     next_line = every
-    for i, batch in enumerate(data.loader(split, limit=limit, shuffle=False)):
-        outcome = evaluate_edit_batch(editor, batch.to(device), fluency_tokens, time_reference)
+    for i, batch in enumerate(data.loader(split, limit=limit, shuffle=False, batch_size=protocol.n)):
+        outcome = evaluate_edit_batch(editor, batch.to(device), fluency_tokens, time_reference, protocol, max_rows)
         acc.add(outcome)
         relation = records[i].get("relation") if records else None
         if relation:
             by_relation.setdefault(relation, MetricAccumulator()).add(outcome)
-        done = min((i + 1) * data.eval_n_edits, len(scored))
+        done = min((i + 1) * protocol.n, len(scored))
         if done >= next_line or done == len(scored):
             log.info("evaluate: %s edit_acc so far %.3f", progress.line(done), acc.mean("edit_exact"))
             next_line = (done // every + 1) * every
@@ -60,7 +71,10 @@ def evaluate_editor(
         "model": getattr(editor, "model_cfg", {}).get("name"),
         "data": data.name,
         "split": split,
-        "edits_per_batch": data.eval_n_edits,
+        "protocol": protocol.name,
+        "n": protocol.n,
+        "batch": protocol.batch,
+        "edits_per_batch": protocol.step,
         "limit": limit,
         "fluency_tokens": fluency_tokens,
         "mode": "exact",
@@ -72,11 +86,24 @@ def evaluate_editor(
     return report
 
 
+def protocol_from(cfg: Any) -> Protocol:
+    """The protocol an evaluate/bench config asks for. `n_edits=N` (the older knob: N edits applied
+    together) is protocol=batch n=N."""
+    name, n, batch = str(cfg.get("protocol") or "single"), int(cfg.get("n") or 1), int(cfg.get("batch") or 1)
+    legacy = cfg.get("n_edits")
+    if legacy is not None and int(legacy) != 1:
+        if name == "sequential" or (name == "batch" and n not in (1, int(legacy))):
+            raise MetaEditError(f"n_edits={legacy} means protocol=batch n={legacy}; it conflicts with "
+                                f"protocol={name} n={n} (give only protocol/n/batch)")
+        name, n = "batch", int(legacy)
+    return Protocol(name, n=1 if name == "single" else n, batch=batch if name == "sequential" else 1)
+
+
 def format_report(report: dict[str, Any]) -> str:
     m, t = report["metrics"], report["token_mode"]
     lines = [
         f"{report['method']} on {report['model']} / {report['data']}:{report['split']} "
-        f"({int(m['n_edits'])} edits, {report['edits_per_batch']} per batch)",
+        f"({int(m['n_edits'])} edits, {Protocol(report['protocol'], report['n'], report['batch']).describe()})",
         f"  exact mode: edit_acc {m['edit_acc']:.3f}  rephrase_acc {m['rephrase_acc']:.3f}  "
         f"loc_retain {m['loc_retain']:.3f}  drawdown {m['drawdown']:.4f}",
         f"  token mode: edit_acc {t['edit_acc']:.3f}  rephrase_acc {t['rephrase_acc']:.3f}  loc_retain {t['loc_retain']:.3f}",
@@ -103,9 +130,11 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
 
     editor_dir = resolve_editor_dir(cfg.editor)
     editor = load_editor(editor_dir, force=cfg.force, device=cfg.device, cache_dir=cfg.paths.cache_dir)
-    data = instantiate(cfg.data, formatter=editor.formatter, eval_n_edits=cfg.n_edits, _recursive_=False)
+    protocol = protocol_from(cfg)
+    data = instantiate(cfg.data, formatter=editor.formatter, eval_n_edits=protocol.n, _recursive_=False)
     report = evaluate_editor(editor, data, split=cfg.split, limit=cfg.limit, fluency_tokens=cfg.fluency_tokens,
-                             time_reference=cfg.time_reference)
+                             time_reference=cfg.time_reference, protocol=protocol,
+                             max_rows=int(cfg.get("max_rows") or MAX_ROWS))
     report["editor_dir"], report["editor_digest"] = str(editor_dir), editor_digest(editor_dir)
     out = Path(cfg.output) if cfg.output else editor_dir / f"eval-{data.name}-{cfg.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

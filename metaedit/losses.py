@@ -49,3 +49,20 @@ def mean_target_logprob(logits: Tensor, targets: Tensor) -> Tensor:
     valid = targets != -100
     logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (logp * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def nll_rows(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per example: summed target-token NLL and the number of target tokens. Σ sums / Σ counts over
+    any partition of the rows is `nll(..., "mean")` of all of them (metrics score rows in chunks)."""
+    per_token = F.cross_entropy(_upcast(logits.flatten(0, 1)), targets.flatten(), ignore_index=-100, reduction="none")
+    return per_token.view(targets.shape).sum(-1), (targets != -100).sum(-1).to(per_token.dtype)
+
+
+def token_kl_rows(pre_logits: Tensor, post_logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per example: KL(p_pre ‖ p_post) summed over the masked positions, and their number (so that
+    Σ sums / Σ counts over chunks of rows is `token_kl` of all rows)."""
+    pre = F.log_softmax(_upcast(pre_logits), dim=-1)
+    post = F.log_softmax(_upcast(post_logits), dim=-1)
+    kl = (pre.exp() * (pre - post)).sum(-1)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum(-1), m.sum(-1)

@@ -13,6 +13,8 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -21,8 +23,17 @@ from metaedit.data.formatting import Formatter
 from metaedit.decoding import greedy_relabel
 from metaedit.editors.base import Editor
 from metaedit.functional import EditedModel, forward_logits
-from metaedit.losses import exact_correct, mean_target_logprob, nll, token_correct, token_kl
-from metaedit.prefix import frozen_prefix, with_prefix, with_prefixes
+from metaedit.losses import (
+    exact_correct,
+    mean_target_logprob,
+    nll,
+    nll_rows,
+    token_correct,
+    token_kl,
+    token_kl_rows,
+)
+from metaedit.prefix import FrozenPrefix, frozen_prefix, with_prefix, with_prefixes
+from metaedit.protocols import Protocol, apply_protocol
 from metaedit.types import EditBatch, LMBatch
 
 EXACT_KEYS = ("edit_acc", "rephrase_acc", "loc_retain", "drawdown")
@@ -38,13 +49,17 @@ def post_edit_logits(edited: EditedModel, *batches: LMBatch) -> list[Tensor]:
     return out
 
 
-def outer_losses(editor: Editor, batch: EditBatch) -> tuple[Tensor, Tensor, Tensor, EditedModel, Tensor]:
-    """Apply the editor and return (L_edit on in-scope rephrases, L_loc KL, pre-edit loc logits,
-    edited model, post-edit in-scope logits)."""
-    edited = editor.apply_edits(batch.edit, batch.requests)
+def outer_losses(
+    editor: Editor, batch: EditBatch, edited: EditedModel | None = None
+) -> tuple[Tensor, Tensor, Tensor, EditedModel, Tensor]:
+    """Apply the editor (unless `edited` is given) and return (L_edit on in-scope rephrases, L_loc KL,
+    pre-edit loc logits, edited model, post-edit in-scope logits). The pre-edit logits are the
+    batch's `loc_base` when it carries them (the unedited model's), else the editor's base logits."""
+    if edited is None:
+        edited = editor.apply_edits(batch.edit, batch.requests)
     post_in, post_loc = post_edit_logits(edited, batch.inscope, batch.loc)
     l_edit = nll(post_in, batch.inscope.targets)
-    pre_loc = editor.base_logits(batch.loc)
+    pre_loc = batch.loc_base if batch.loc_base is not None else editor.base_logits(batch.loc)
     l_loc = token_kl(pre_loc, post_loc, batch.loc.kl_mask)
     return l_edit, l_loc, pre_loc, edited, post_in
 
@@ -54,56 +69,140 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Rows per stacked forward when scoring: bounds the logits held at once ([rows, positions, vocab]),
+# however many edits a group has, while one record's handful of rows still go in one forward.
+MAX_ROWS = 128
+
+
+def row_ranges(sizes: Sequence[int], max_rows: int) -> list[list[tuple[int, int, int]]]:
+    """Forward groups over the rows of several batches: each a list of (batch index, first row, end
+    row) holding at most `max_rows` rows in all (a batch may be spread over several groups)."""
+    groups: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    room = max_rows
+    for i, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            take = min(room, size - start)
+            current.append((i, start, start + take))
+            start, room = start + take, room - take
+            if room == 0:
+                groups.append(current)
+                current, room = [], max_rows
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _rows(batch: LMBatch, start: int, end: int) -> LMBatch:
+    return batch if (start, end) == (0, len(batch)) else batch.select(torch.arange(start, end))
+
+
+@dataclass
+class PreEdit:
+    """What scoring needs from the unedited model about the out-of-scope inputs."""
+
+    loc: LMBatch  # carrying its prefix when it fits one forward
+    loc_pred: LMBatch  # the same inputs labelled with the base's own greedy answers
+    pre_gold: Tensor  # per input: does the base reproduce the gold answer?
+    pre_logits: Tensor | None  # the base's logits, kept when the inputs fit one forward
+
+
+@torch.no_grad()
+def pre_edit_state(editor: Editor, loc: LMBatch, runner: FrozenPrefix | None, max_rows: int = MAX_ROWS) -> PreEdit:
+    """Greedy base answers and gold correctness for the out-of-scope inputs, `max_rows` at a time."""
+    preds, gold, kept = [], [], None
+    for (_, start, end), in row_ranges([len(loc)], max_rows):
+        part = with_prefix(runner, _rows(loc, start, end))
+        logits = editor.base_logits(part)
+        preds.append(greedy_relabel(editor.base_logits, part, first_logits=logits))
+        gold.append(exact_correct(logits, part.targets))
+        if (start, end) == (0, len(loc)):
+            loc, kept = part, logits
+    loc_pred = preds[0] if len(preds) == 1 else LMBatch.concat(preds) if preds else loc
+    pre_gold = torch.cat(gold) if gold else torch.zeros(0, dtype=torch.bool)
+    return PreEdit(loc, loc_pred, pre_gold, kept)
+
+
+@torch.no_grad()
+def score_rows(
+    editor: Editor, edited: EditedModel, batches: Sequence[LMBatch], runner: FrozenPrefix | None,
+    kl_against: dict[int, Tensor | None] | None = None, max_rows: int = MAX_ROWS,
+) -> list[dict[str, Tensor]]:
+    """Per-row outcomes of `edited` on every row of `batches`, from stacked forwards of at most
+    `max_rows` rows: exact / token correctness, mean target log-prob, summed NLL and target-token
+    count; for the batches named in `kl_against` (index -> their base logits, or None to recompute)
+    also the summed KL from the unedited model and its position count."""
+    kl_against = kl_against or {}
+    parts: list[dict[str, list[Tensor]]] = [{} for _ in batches]
+    for group in row_ranges([len(b) for b in batches], max_rows):
+        pieces = with_prefixes(runner, [_rows(batches[i], a, b) for i, a, b in group])
+        for (i, a, b), piece, logits in zip(group, pieces, post_edit_logits(edited, *pieces)):
+            stats = {
+                "exact": exact_correct(logits, piece.targets).float(),
+                "token": token_correct(logits, piece.targets),
+                "logprob": mean_target_logprob(logits, piece.targets),
+            }
+            stats["nll"], stats["n_tokens"] = nll_rows(logits, piece.targets)
+            if i in kl_against:
+                base = kl_against[i]
+                pre = base[a:b] if base is not None else editor.base_logits(piece)
+                stats["kl"], stats["kl_positions"] = token_kl_rows(pre, logits, piece.kl_mask)
+            for k, v in stats.items():
+                parts[i].setdefault(k, []).append(v.float().cpu())
+    keys = ("exact", "token", "logprob", "nll", "n_tokens")
+    return [{k: torch.cat(p[k]) if k in p else torch.zeros(0) for k in (*keys, *(("kl", "kl_positions") if i in kl_against else ()))}
+            for i, p in enumerate(parts)]
+
+
 @torch.no_grad()
 def evaluate_edit_batch(
-    editor: Editor, batch: EditBatch, fluency_tokens: int = 0, time_reference: bool = False
+    editor: Editor, batch: EditBatch, fluency_tokens: int = 0, time_reference: bool = False,
+    protocol: Protocol | None = None, max_rows: int = MAX_ROWS,
 ) -> dict[str, Tensor]:
-    """Per-example outcomes for one batch of edits applied together, plus edit_ms and the losses.
+    """Per-example outcomes for one group of edits, plus edit_ms and the losses.
 
+    The edits reach the model under `protocol` (default: all applied together, i.e. single for one
+    edit, batch for several); the edited model is then scored on every edit, rephrase and
+    out-of-scope input of the group in stacked forwards of at most `max_rows` rows, so a group of
+    thousands of edits is scored in bounded memory. Locality is against the unedited model.
     With the CounterFact batches present (records with a true object) it adds es / ps / ns; with
     `fluency_tokens` > 0 and generation prompts, the n-gram entropy of greedy generations; with
-    `time_reference`, the time of one plain forward+backward of the base on the same edit batch
+    `time_reference`, the time of one plain forward+backward of the base on one step's edits
     (`fwd_bwd_ms`, right after the edit so both see the same machine state).
     """
+    protocol = protocol or Protocol.together(batch.n_edits)
     # Measurement passes replay only the edited tail when that is exact (metaedit.prefix); the edit
-    # itself (timed below) gets no precomputed prefix.
+    # itself (timed) gets no precomputed prefix.
     runner = frozen_prefix(editor.model, [p.name for p in editor.inner_params])
-
-    loc = with_prefix(runner, batch.loc)
-    pre_loc = editor.base_logits(loc)
-    loc_pred = greedy_relabel(editor.base_logits, batch.loc, first_logits=pre_loc)
-    pre_gold = exact_correct(pre_loc, batch.loc.targets)
-    _sync(editor.device)
-    t0 = time.perf_counter()
-    edited = editor.apply_edits(batch.edit, batch.requests)
-    _sync(editor.device)
-    edit_ms = (time.perf_counter() - t0) * 1000
-    ref_ms = time_forward_backward(editor.model, batch.edit) if time_reference else None
+    pre = pre_edit_state(editor, batch.loc, runner, max_rows)
+    edited, edit_ms, _ = apply_protocol(editor, batch, protocol)
+    ref_ms = time_forward_backward(editor.model, _rows(batch.edit, 0, min(len(batch.edit), protocol.step))) if time_reference else None
     cf = [b for b in (batch.edit_true, batch.inscope_true, batch.loc_new) if b is not None]
-    # The prefixes of every scored batch in one pass (the locality one is already there).
-    scored = with_prefixes(runner, [batch.edit, batch.inscope, loc_pred, loc, *(cf if len(cf) == 3 else [])])
-    post_edit, post_in, post_pred, post_gold, *post_cf = post_edit_logits(edited, *scored)
+    scored = [batch.edit, batch.inscope, pre.loc_pred, pre.loc, *(cf if len(cf) == 3 else [])]
+    s_edit, s_in, s_pred, s_gold, *s_cf = score_rows(editor, edited, scored, runner, {3: pre.pre_logits}, max_rows)
     out = {
-        "edit_exact": exact_correct(post_edit, batch.edit.targets).float(),
-        "edit_token": token_correct(post_edit, batch.edit.targets),
-        "rephrase_exact": exact_correct(post_in, batch.inscope.targets).float(),
-        "rephrase_token": token_correct(post_in, batch.inscope.targets),
-        "loc_retain_exact": exact_correct(post_pred, loc_pred.targets).float(),
-        "loc_retain_token": token_correct(post_pred, loc_pred.targets),
-        "loc_pre_exact": pre_gold.float(),
-        "loc_post_exact": exact_correct(post_gold, batch.loc.targets).float(),
+        "edit_exact": s_edit["exact"],
+        "edit_token": s_edit["token"],
+        "rephrase_exact": s_in["exact"],
+        "rephrase_token": s_in["token"],
+        "loc_retain_exact": s_pred["exact"],
+        "loc_retain_token": s_pred["token"],
+        "loc_pre_exact": pre.pre_gold.float().cpu(),
+        "loc_post_exact": s_gold["exact"],
         "edit_ms": torch.tensor([edit_ms]),
-        "loss_edit": nll(post_in, batch.inscope.targets).reshape(1),
-        "loss_loc": token_kl(pre_loc, post_gold, batch.loc.kl_mask).reshape(1),
+        # Token means over the whole group (Σ per-row sums / Σ counts), as one unchunked pass gives.
+        "loss_edit": (s_in["nll"].sum() / s_in["n_tokens"].sum()).reshape(1),
+        "loss_loc": (s_gold["kl"].sum() / s_gold["kl_positions"].sum().clamp_min(1.0)).reshape(1),
     }
     if ref_ms is not None:
         out["fwd_bwd_ms"] = torch.tensor([ref_ms])
-    if post_cf:
-        edit_true, in_true, loc_new = post_cf
+    if s_cf:
+        edit_true, in_true, loc_new = s_cf
         # CounterFact: P(new) > P(true) on the edit prompt / paraphrases; P(true) > P(new) on neighbours.
-        out["es"] = prefers(post_edit, batch.edit.targets, edit_true, batch.edit_true.targets)  # type: ignore[union-attr]
-        out["ps"] = prefers(post_in, batch.inscope.targets, in_true, batch.inscope_true.targets)  # type: ignore[union-attr]
-        out["ns"] = prefers(post_gold, batch.loc.targets, loc_new, batch.loc_new.targets)  # type: ignore[union-attr]
+        out["es"] = (s_edit["logprob"] > edit_true["logprob"]).float()
+        out["ps"] = (s_in["logprob"] > in_true["logprob"]).float()
+        out["ns"] = (s_gold["logprob"] > loc_new["logprob"]).float()
     if fluency_tokens > 0 and batch.generation_prompts and editor.formatter is not None:
         texts = generate_texts(edited, editor.formatter, batch.generation_prompts, fluency_tokens)
         out["fluency"] = torch.tensor([ngram_entropy(t) for t in texts])

@@ -4,19 +4,39 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from collections import deque
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from metaedit.editors.base import Editor
-from metaedit.losses import exact_correct
+from metaedit.functional import EditedModel
+from metaedit.losses import exact_correct, nll
 from metaedit.metrics import MetricAccumulator, evaluate_edit_batch, outer_losses
 from metaedit.prefix import PrefixCache, frozen_prefix
 from metaedit.types import EditBatch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Lifelong:
+    """RLEdit-style lifelong meta-training: training steps form sequences of `seq_len` edit batches,
+    each edited from the model the earlier steps of the sequence already edited. The outer loss of a
+    step adds, for the batches of the previous `steps_back` steps, c_edit·γ^age·L_edit of their
+    rephrases on the model edited now (so an update that undoes earlier edits is penalised), and
+    `l2`·Σ_ℓ ‖ΔW_ℓ‖²_F on this step's weight change. Earlier shifts are constants (detached)."""
+
+    steps_back: int = 3
+    gamma: float = 0.9
+    l2: float = 0.0
+    seq_len: int = 8
+
+    def __post_init__(self) -> None:
+        if self.steps_back < 0 or self.seq_len < 1 or not 0 <= self.gamma <= 1 or self.l2 < 0:
+            raise ValueError(f"lifelong needs steps_back >= 0, seq_len >= 1, 0 <= gamma <= 1, l2 >= 0; got {self}")
 
 
 class EditorSystem(pl.LightningModule):
@@ -40,6 +60,7 @@ class EditorSystem(pl.LightningModule):
         schedule: str = "constant",
         warmup_steps: int = 0,
         prefix_cache: bool = True,
+        lifelong: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -56,6 +77,13 @@ class EditorSystem(pl.LightningModule):
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self._val = MetricAccumulator()
+        self._finite = False
+        self.lifelong = Lifelong(**lifelong) if lifelong else None
+        # Lifelong state: the running edit of the current sequence, its earlier batches, its length.
+        self._running: dict[str, torch.Tensor] = {}
+        self._history: deque[EditBatch] = deque(maxlen=self.lifelong.steps_back if self.lifelong else 0)
+        self._seq_step = 0
+        self._last_edited: EditedModel | None = None
         # Frozen-prefix replay (metaedit.prefix): the base's blocks before the first inner param are
         # run once per distinct input for the whole run instead of in every step.
         runner = frozen_prefix(editor.model, [p.name for p in editor.inner_params]) if prefix_cache else None
@@ -88,11 +116,9 @@ class EditorSystem(pl.LightningModule):
     def transfer_batch_to_device(self, batch: EditBatch, device: torch.device, dataloader_idx: int) -> EditBatch:
         return batch.to(device)
 
-    def _objective(self, batch: EditBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.prefix is not None:
-            batch = replace(batch, edit=self.prefix.attach(batch.edit), inscope=self.prefix.attach(batch.inscope),
-                            loc=self.prefix.attach(batch.loc))
-        l_edit, l_loc, _, edited, post_in = outer_losses(self.editor, batch)
+    def _objective(self, batch: EditBatch, edited: EditedModel | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The outer loss of `batch` on `edited` (default: the editor applied to the batch's edits)."""
+        l_edit, l_loc, _, edited, post_in = outer_losses(self.editor, batch, edited)
         success = exact_correct(post_in.detach(), batch.inscope.targets).float().mean()
         loss = self.editor.outer_objective(l_edit, l_loc, self.c_edit, self.c_loc, edit_success=success)
         logs = {"loss_edit": l_edit.detach(), "loss_loc": l_loc.detach()}
@@ -100,16 +126,72 @@ class EditorSystem(pl.LightningModule):
             loss = loss + term
             logs[f"loss_{name}"] = term.detach()
         logs["rephrase_acc"] = success
+        if self.lifelong is not None:
+            loss = loss + self._lifelong_terms(edited, logs)
         logs["loss"] = loss.detach()
+        self._last_edited = edited
         return loss, logs
+
+    def _lifelong_terms(self, edited: EditedModel, logs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """c_edit·Σ_age γ^age·L_edit(earlier batch) on the model edited now, plus l2·Σ‖ΔW‖²; ΔW is
+        measured from the weights this step started from (the running edit, or the base's own)."""
+        assert self.lifelong is not None
+        extra = torch.zeros((), device=self.device)
+        prev = torch.zeros((), device=self.device)
+        for age, old in enumerate(reversed(self._history), start=1):
+            prev = prev + self.lifelong.gamma**age * nll(edited.logits(old.inscope), old.inscope.targets)
+        if self._history:
+            extra = extra + self.c_edit * prev
+            logs["loss_edit_prev"] = prev.detach()
+        if self.lifelong.l2 > 0:
+            # Inside the trainer's editing_from(running) the model's parameters are the running edit.
+            l2 = sum(((v - self.base.get_parameter(n)).float() ** 2).sum() for n, v in edited.params.items())
+            extra = extra + self.lifelong.l2 * l2
+            logs["loss_l2"] = l2.detach()  # type: ignore[union-attr]
+        return extra
+
+    def _advance_sequence(self, batch: EditBatch, finite: bool) -> None:
+        """Keep this step's edit as the start of the next one, until the sequence ends (or a
+        non-finite step makes the running edit unusable)."""
+        if self.lifelong is None:
+            return
+        self._seq_step += 1
+        if not finite or self._last_edited is None or self._seq_step >= self.lifelong.seq_len:
+            self._running, self._seq_step = {}, 0
+            self._history.clear()
+        else:
+            self._running = {n: v.detach() for n, v in self._last_edited.params.items()}
+            if self.lifelong.steps_back > 0:
+                self._history.append(replace(batch, loc_base=None))
+        self._last_edited = None
+
+    def _backward(self, loss: torch.Tensor, check: torch.Tensor | None = None) -> None:
+        """Back-propagate `loss` (scaled for accumulation) unless `check` (default: the loss) is not
+        finite on some rank; every rank must take the same decision, or DDP's gradient all-reduce
+        would deadlock."""
+        value = loss if check is None else check
+        self._finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(value)), all=True)
+        if self._finite:
+            self.manual_backward(loss / self.accumulate)
+
+    def outer_step(self, batch: EditBatch) -> tuple[dict[str, torch.Tensor], bool]:
+        """Outer loss and backward of one training batch (no optimizer step); (logs, finite)."""
+        if self.prefix is not None:
+            batch = replace(batch, edit=self.prefix.attach(batch.edit), inscope=self.prefix.attach(batch.inscope),
+                            loc=self.prefix.attach(batch.loc))
+        with torch.no_grad():
+            batch = replace(batch, loc_base=self.editor.base_logits(batch.loc))
+        self._finite = False
+        # A lifelong sequence edits from its running edit (the editor sees it as its base weights);
+        # locality stays against the unedited model (loc_base, computed above, outside it).
+        with self.editor.editing_from(self._running):
+            logs = self.editor.training_loss_and_backward(batch, self._objective, self._backward)
+        self._advance_sequence(batch, self._finite)
+        return logs, self._finite
 
     def training_step(self, batch: EditBatch, batch_idx: int) -> None:
         opt = self.optimizers()
-        loss, logs = self._objective(batch)
-        # Every rank must take the same decision, or DDP's gradient all-reduce would deadlock.
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if finite:
-            self.manual_backward(loss / self.accumulate)
+        logs, finite = self.outer_step(batch)
         if (batch_idx + 1) % self.accumulate == 0 or not finite:
             params = [p for p in self.editor.parameters() if p.requires_grad]
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if finite else torch.tensor(math.nan)

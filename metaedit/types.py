@@ -141,10 +141,47 @@ class EditBatch:
     inscope_true: LMBatch | None = None
     loc_new: LMBatch | None = None
     generation_prompts: list[str] = field(default_factory=list)
+    # `loc_owner[j]`: the edit that out-of-scope input j was drawn for (None: unknown).
+    loc_owner: Tensor | None = None
+    # Logits of the unedited model on `loc`, when already computed (the trainer computes them before
+    # a lifelong sequence's running edit is swapped in, so locality stays against the unedited model).
+    loc_base: Tensor | None = None
 
     @property
     def n_edits(self) -> int:
         return len(self.requests)
+
+    def split(self, size: int) -> list[EditBatch]:
+        """Consecutive groups of at most `size` edits, each with its own rephrases and out-of-scope
+        inputs (by owner; without `loc_owner` the out-of-scope rows are cut into as many even parts).
+        Generation prompts are not carried (they are for evaluation)."""
+        n = self.n_edits
+        if size >= n:
+            return [self]
+        parts, n_parts = [], -(-n // size)
+        owner = self.inscope_owner.cpu()
+        for c, a in enumerate(range(0, n, size)):
+            b = min(a + size, n)
+            ins = ((owner >= a) & (owner < b)).nonzero().flatten()
+            if self.loc_owner is not None:
+                lo = self.loc_owner.cpu()
+                loc = ((lo >= a) & (lo < b)).nonzero().flatten()
+            else:
+                loc = torch.arange(c * len(self.loc) // n_parts, (c + 1) * len(self.loc) // n_parts)
+            edits = torch.arange(a, b)
+            parts.append(EditBatch(
+                edit=self.edit.select(edits), inscope=self.inscope.select(ins), loc=self.loc.select(loc),
+                requests=self.requests[a:b], inscope_prompts=[self.inscope_prompts[i] for i in ins.tolist()],
+                inscope_owner=self.inscope_owner[ins.to(self.inscope_owner.device)] - a,
+                loc_prompts=[self.loc_prompts[i] for i in loc.tolist()],
+                loc_answers=[self.loc_answers[i] for i in loc.tolist()] if self.loc_answers else [],
+                edit_true=None if self.edit_true is None else self.edit_true.select(edits),
+                inscope_true=None if self.inscope_true is None else self.inscope_true.select(ins),
+                loc_new=None if self.loc_new is None else self.loc_new.select(loc),
+                loc_owner=None if self.loc_owner is None else self.loc_owner[loc.to(self.loc_owner.device)] - a,
+                loc_base=None if self.loc_base is None else self.loc_base[loc.to(self.loc_base.device)],
+            ))
+        return parts
 
     def to(self, device: torch.device | str) -> EditBatch:
         return replace(
@@ -153,5 +190,6 @@ class EditBatch:
             inscope=self.inscope.to(device),
             loc=self.loc.to(device),
             inscope_owner=self.inscope_owner.to(device),
-            **{k: getattr(self, k).to(device) for k in ("edit_true", "inscope_true", "loc_new") if getattr(self, k) is not None},
+            **{k: getattr(self, k).to(device) for k in ("edit_true", "inscope_true", "loc_new", "loc_owner", "loc_base")
+               if getattr(self, k) is not None},
         )

@@ -16,16 +16,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from serac_many_edits import distractors  # scripts/ is on sys.path when run as a script
 
-from metaedit.data.synthetic import TEMPLATES, build_world, edit_records
+from metaedit.data.synthetic import TEMPLATES, _unique_words, build_world, edit_records
 from metaedit.editors.io import load_editor
 from metaedit.types import EditRequest
+
+
+def distractors(world, n: int, seed: int = 1234) -> list[EditRequest]:
+    """`n` edits about made-up subjects (new names from the world's name generator, relations and
+    targets from the world): they share no subject with any scored prompt, so they can only make
+    retrieval harder, never change a correct answer."""
+    rng = random.Random(seed)
+    taken = set(world.subjects) | {o for objs in world.objects.values() for o in objs}
+    names = _unique_words(rng, (n + 3) // 4, (2, 3), taken)
+    out = [EditRequest(TEMPLATES[r][0][0].format(s), rng.choice(world.objects[r])) for s in names for r in TEMPLATES]
+    return out[:n]
 
 
 def main() -> None:

@@ -82,6 +82,7 @@ class EditCollator:
             inscope_owner=torch.tensor(owner),
             loc_prompts=loc_p,
             loc_answers=loc_a,
+            loc_owner=torch.tensor(loc_owner, dtype=torch.long),
             **counterfact,
         )
 
@@ -134,7 +135,10 @@ class EditDataModule(pl.LightningDataModule):
         """One split's records, validated (subclasses reading published formats convert here)."""
         return load_records(self.data_dir / f"{split}.json")
 
-    def loader(self, split: str, limit: int | None = None, shuffle: bool | None = None) -> DataLoader:
+    def loader(
+        self, split: str, limit: int | None = None, shuffle: bool | None = None, batch_size: int | None = None
+    ) -> DataLoader:
+        """Batches of `batch_size` records (default: n_edits in training, eval_n_edits otherwise)."""
         train = split == "train"
         recs = self.records(split)[: limit or None]
         collate = EditCollator(
@@ -142,7 +146,7 @@ class EditDataModule(pl.LightningDataModule):
         )
         return DataLoader(
             RecordDataset(recs),
-            batch_size=self.n_edits if train else self.eval_n_edits,
+            batch_size=batch_size or (self.n_edits if train else self.eval_n_edits),
             shuffle=train if shuffle is None else shuffle,
             collate_fn=collate,
             num_workers=self.num_workers,

@@ -18,6 +18,20 @@ from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
 
 
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` items (the last may be shorter)."""
+    if size < 1:
+        raise MetaEditError(f"a sequence of edits needs a batch size >= 1, got {size}")
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 class Editor(nn.Module, ABC):
     """Turns (base model, edit requests) into an edited model, functionally.
 
@@ -68,6 +82,26 @@ class Editor(nn.Module, ABC):
         accuracy, no gradient) is there for objectives with a schedule that depends on it."""
         return c_edit * l_edit + c_loc * l_loc
 
+    def training_loss_and_backward(
+        self,
+        batch: EditBatch,
+        objective: Callable[..., tuple[Tensor, dict[str, Tensor]]],
+        backward: Callable[..., None],
+    ) -> dict[str, Tensor]:
+        """One training step's outer loss and its backward pass; returns the logged terms (with "loss").
+
+        `objective(batch, edited=None) -> (loss, logs)` is the trainer's outer loss; with `edited`
+        None it applies this editor to `batch.edit`. `backward(loss, check=None)` back-propagates a
+        scalar into this editor's parameters (scaled for gradient accumulation; skipped on every
+        rank when `check`, default the loss itself, is not finite); call it exactly once. Default: one
+        graph from the editor's parameters through the edited model to the loss. An editor that
+        gets its gradient another way (MALMEN splits the graph at the weight shift) overrides this;
+        the objective's terms then must depend on the editor only through `edited`.
+        """
+        loss, logs = objective(batch)
+        backward(loss)
+        return logs
+
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
@@ -96,17 +130,19 @@ class Editor(nn.Module, ABC):
         self,
         requests: Iterable[EditRequest | Mapping[str, Any] | Sequence[str]],
         after_each: Callable[[int, EditedModel], None] | None = None,
+        batch_size: int = 1,
     ) -> EditedModel:
-        """Apply requests one at a time, each to the model as already edited by the previous ones.
+        """Apply requests `batch_size` at a time, each batch to the model as already edited by the
+        previous ones (batch_size=1: one edit after another).
 
         Each step runs inside `editing_from(running edit)`, so the editor sees the edited weights
         while the caller's model stays unchanged. `after_each(k, edited)` is called after the k-th
-        edit (e.g. to evaluate).
+        step (e.g. to evaluate or time it).
         """
         params: dict[str, Tensor] = {}
-        for k, request in enumerate(requests):
+        for k, step_requests in enumerate(batched(requests, batch_size)):
             with self.editing_from(params):
-                step = self.edit([request])
+                step = self.edit(step_requests)
             params.update(step.params)
             if after_each is not None:
                 after_each(k, EditedModel(self.model, params))

@@ -6,6 +6,7 @@ from metaedit.editors.base import Editor
 from metaedit.editors.enn import ENNEditor
 from metaedit.editors.ft import FTEditor, FTLEditor
 from metaedit.editors.ke import KEConstrainedEditor, KEEditor
+from metaedit.editors.malmen import MALMENEditor
 from metaedit.editors.mend import MENDEditor
 from metaedit.editors.serac import SERACEditor
 from metaedit.types import MetaEditError
@@ -14,6 +15,7 @@ EDITORS: dict[str, type[Editor]] = {
     FTEditor.method: FTEditor,
     FTLEditor.method: FTLEditor,
     MENDEditor.method: MENDEditor,
+    MALMENEditor.method: MALMENEditor,
     SERACEditor.method: SERACEditor,
     ENNEditor.method: ENNEditor,
     KEEditor.method: KEEditor,

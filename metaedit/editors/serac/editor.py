@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from metaedit.editors.base import Editor
+from metaedit.editors.base import Editor, batched
 from metaedit.editors.serac.classifier import DEFAULT_ENCODER, ScopeClassifier
 from metaedit.editors.serac.counterfactual import Counterfactual, truncated_copy
 from metaedit.editors.serac.edited import SERACEditedModel
@@ -153,11 +153,12 @@ class SERACEditor(Editor):
         self,
         requests: Iterable[EditRequest | Mapping[str, Any] | Sequence[str]],
         after_each: Callable[[int, EditedModel], None] | None = None,
+        batch_size: int = 1,
     ) -> SERACEditedModel:
         """Sequential edits are appends to one memory (no weights change between them)."""
         edited = self.empty()
-        for k, request in enumerate(requests):
-            edited.add([request])
+        for k, step_requests in enumerate(batched(requests, batch_size)):
+            edited.add(step_requests)
             if after_each is not None:
                 after_each(k, edited)
         return edited

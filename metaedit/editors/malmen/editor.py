@@ -1,0 +1,161 @@
+"""MALMEN: massive editing as least-squares aggregation of MEND-style pseudo updates (Tan et al., ICLR 2024)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from metaedit.editors.mend import MENDEditor
+from metaedit.functional import EditedModel
+from metaedit.models.inner_params import InnerParam
+from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
+
+
+def solve_shift(gram: Tensor, cross: Tensor, log_lambda: Tensor) -> Tensor:
+    """ΔW = Dᵀ K (Kᵀ K + e^λ I)⁻¹ from gram = KᵀK [d_in, d_in] and cross = DᵀK [d_out, d_in].
+
+    KᵀK + e^λ I is symmetric, so ΔWᵀ = (KᵀK + e^λ I)⁻¹ KᵀD: one solve in d_in dimensions whatever the
+    number of rows of K. It is the ridge solution of min ‖K ΔWᵀ − D‖² + e^λ ‖ΔW‖²: the shift that best
+    maps every pseudo-key to its value shift at once, instead of summing per-edit updates (MEND)
+    that cancel as edits accumulate. As λ → ∞, e^λ ΔW → DᵀK, MEND's summed update.
+    """
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + log_lambda.exp().to(gram.dtype) * eye, cross.T).T
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("out of memory", "not enough memory")))
+
+
+class MALMENEditor(MENDEditor):
+    """MEND's shared networks map each kept position's (u_t, δ_t) to (ũ_t, δ̃_t); per inner layer ℓ,
+    K stacks the ũ_t (rows × d_in) and D the value shifts η_ℓ δ̃_t (rows × d_out), and
+    ΔW_ℓ = Dᵀ K (KᵀK + e^{λ_ℓ} I)⁻¹, W' = W − ΔW (descent, MEND's sign), λ_ℓ and η_ℓ learned.
+
+    KᵀK and DᵀK are sums over rows, so they are accumulated over chunks of `chunk_size` edits (one
+    base forward/backward and one network pass per chunk): at edit time memory scales with the
+    chunk, not with the number of edits. Training splits the gradient at ΔW: the outer loss is
+    differentiated w.r.t. the edited weights only (chunk by chunk, each chunk's base graph freed at
+    once), then ∂L/∂ΔW is carried back through the solve and the networks in one backward.
+
+    Args (besides MEND's):
+        lambda_init: initial log-regulariser λ_ℓ (e^λ is added to KᵀK's diagonal).
+        chunk_size: edits per chunk (base forward/backward, network pass, outer-loss pass).
+        memory_cap_mb: if set, a chunk whose key/value buffers (with their autograd graph when
+            training) would exceed this many MB is refused with a MetaEditError naming chunk_size.
+    """
+
+    method = "malmen"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        inner_params: Sequence[InnerParam],
+        rank: int = 1920,
+        edit_lr: float = 1e-1,
+        rows: Literal["nonpad", "target"] = "nonpad",
+        n_blocks: int = 2,
+        act: str = "gelu",
+        lambda_init: float = 0.0,
+        chunk_size: int = 64,
+        memory_cap_mb: float | None = None,
+    ) -> None:
+        super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act)
+        if chunk_size < 1:
+            raise MetaEditError(f"malmen chunk_size must be >= 1, got {chunk_size}")
+        self.lambda_init, self.chunk_size, self.memory_cap_mb = lambda_init, chunk_size, memory_cap_mb
+        self.log_lambdas = nn.Parameter(torch.full((len(self.inner_params),), float(lambda_init)))
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "lambda_init": self.lambda_init, "chunk_size": self.chunk_size,
+                "memory_cap_mb": self.memory_cap_mb}
+
+    # ---- the least-squares shift ----------------------------------------------------------------
+    def _check_memory(self, rows: Sequence[tuple[Tensor, Tensor]], held: float) -> float:
+        """MB of this chunk's K/D rows (×(3 + 4·n_blocks) when an autograd graph keeps the networks'
+        activations for the backward, which then lives until the step's end); raises past the cap."""
+        graph = 3 + 4 * self.n_blocks if torch.is_grad_enabled() else 1
+        mb = sum(u.shape[0] * (u.shape[1] + d.shape[1]) for u, d in rows) * 4 * graph / 2**20
+        total = held + mb if torch.is_grad_enabled() else mb
+        if self.memory_cap_mb is not None and total > self.memory_cap_mb:
+            raise MetaEditError(
+                f"malmen: the keys and value shifts need ~{total:.0f} MB (memory_cap_mb={self.memory_cap_mb}); "
+                f"lower method.editor.chunk_size (now {self.chunk_size})"
+                + (" or the edits per training step (data.n_edits)" if torch.is_grad_enabled() else ""))
+        return total
+
+    def normal_equations(self, edit: LMBatch) -> list[tuple[Tensor, Tensor]]:
+        """(KᵀK, DᵀK) per inner layer, summed over chunks of `chunk_size` edits."""
+        sums: list[tuple[Tensor, Tensor] | None] = [None] * len(self.inner_params)
+        held = 0.0
+        for start in range(0, len(edit), self.chunk_size):
+            part = edit if len(edit) <= self.chunk_size else edit.select(
+                torch.arange(start, min(start + self.chunk_size, len(edit))))
+            try:
+                rows = self.capture(part)
+                held = self._check_memory(rows, held)
+                pairs = self.transform(rows)
+                for i, (k, v) in enumerate(pairs):
+                    d = v * self.edit_lrs[i]  # value shifts: rows × d_out
+                    gram, cross = k.T @ k, d.T @ k
+                    prev = sums[i]
+                    sums[i] = (gram, cross) if prev is None else (prev[0] + gram, prev[1] + cross)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not _out_of_memory(e):
+                    raise
+                raise MetaEditError(
+                    f"malmen ran out of memory on a chunk of {self.chunk_size} edits; lower "
+                    f"method.editor.chunk_size{' or data.n_edits' if torch.is_grad_enabled() else ''} ({e})") from None
+        return [s for s in sums if s is not None]
+
+    def weight_shifts(self, edit: LMBatch) -> list[Tensor]:
+        """ΔW_ℓ [d_out, d_in] for every inner layer (differentiable w.r.t. networks, η, λ)."""
+        return [solve_shift(g, c, self.log_lambdas[i]) for i, (g, c) in enumerate(self.normal_equations(edit))]
+
+    def shifted(self, shifts: Sequence[Tensor]) -> EditedModel:
+        """The model with W' = W − ΔW on every inner layer (Conv1D stores W as [d_in, d_out])."""
+        params = {}
+        for p, shift in zip(self.inner_params, shifts):
+            w = self.model.get_parameter(p.name)
+            shift = shift.to(w.dtype)
+            params[p.name] = w - (shift.T if p.transposed else shift)
+        return EditedModel(self.model, params)
+
+    def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
+        return self.shifted(self.weight_shifts(edit))
+
+    # ---- decoupled meta-training ----------------------------------------------------------------
+    def training_loss_and_backward(
+        self,
+        batch: EditBatch,
+        objective: Callable[..., tuple[Tensor, dict[str, Tensor]]],
+        backward: Callable[..., None],
+    ) -> dict[str, Tensor]:
+        # (1) ΔW with a graph into the networks only: the base ran forward/backward per chunk to give
+        #     the constants (u, δ); no graph through it is kept.
+        shifts = self.weight_shifts(batch.edit)
+        # (2) The outer loss on W − ΔW with ΔW a leaf: each chunk's base graph ends at the leaf and is
+        #     freed by its backward, so only one chunk's activations live at a time. Chunks are
+        #     weighted by their share of the edits (their losses are means over their own tokens).
+        leaves = [s.detach().requires_grad_(True) for s in shifts]
+        edited = self.shifted(leaves)
+        logs: dict[str, Tensor] = {}
+        total = torch.zeros((), device=self.device)
+        for part in batch.split(self.chunk_size):
+            share = part.n_edits / batch.n_edits
+            loss, part_logs = objective(part, edited)
+            torch.autograd.backward(share * loss, inputs=leaves)
+            total = total + share * loss.detach()
+            for k, v in part_logs.items():
+                logs[k] = logs.get(k, 0) + share * v.detach().float()
+        # (3) Σ_ℓ ⟨ΔW_ℓ, ∂L/∂ΔW_ℓ⟩ has, w.r.t. every parameter upstream of ΔW, exactly the gradient of L
+        #     (a vector-Jacobian product): one backward through the solve and the networks.
+        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+        backward(sum((s * g).sum() for s, g in zip(shifts, grads)), total)
+        logs["loss"] = total
+        return logs

@@ -1,0 +1,163 @@
+"""MALMEN: the least-squares shift, its chunked accumulation, the decoupled training gradient, train.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metaedit.editors.io import load_editor, save_editor
+from metaedit.editors.malmen import solve_shift
+from metaedit.functional import forward_logits
+from metaedit.losses import nll
+from metaedit.system import EditorSystem
+from metaedit.types import MetaEditError
+from tests.conftest import run_cli
+from tests.test_cli import FAST
+from tests.test_editors import requests
+
+
+def test_solve_is_the_closed_form_and_tends_to_the_summed_update():
+    g = torch.Generator().manual_seed(0)
+    k, d = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    lam = torch.tensor(0.3, dtype=torch.float64)
+    expected = d.T @ k @ torch.linalg.inv(k.T @ k + lam.exp() * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(solve_shift(k.T @ k, d.T @ k, lam), expected)
+    # (KᵀK + e^λ I)⁻¹ → e^{-λ} I: e^λ ΔW → DᵀK, MEND's summed update Σ_t d_t k_tᵀ.
+    big = torch.tensor(25.0, dtype=torch.float64)
+    torch.testing.assert_close(big.exp() * solve_shift(k.T @ k, d.T @ k, big), d.T @ k, atol=1e-6, rtol=1e-6)
+
+
+def _non_trivial(ed, batch):
+    torch.manual_seed(0)
+    ed.train()
+    ed.transform(ed.capture(batch))  # running statistics
+    ed.eval()
+    with torch.no_grad():
+        for net in ed.nets.values():
+            for t in (*net.up, *net.bias):
+                t.add_(torch.randn_like(t) * 0.1)
+        ed.edit_lrs.copy_(torch.rand_like(ed.edit_lrs))
+        ed.log_lambdas.copy_(torch.rand_like(ed.log_lambdas))
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_chunked_and_unchunked_shifts_agree_and_large_lambda_gives_mends_update(make_editor, name):
+    ed = make_editor("malmen", name, chunk_size=64)
+    batch = ed.formatter.batch(*zip(*requests(5)))
+    _non_trivial(ed, batch)
+    with torch.no_grad():
+        whole = ed.normal_equations(batch)
+        ed.chunk_size = 2
+        chunked = ed.normal_equations(batch)
+        for (g1, c1), (g2, c2) in zip(whole, chunked):  # the same sums, in another order
+            assert (g1 - g2).norm() <= 1e-6 * g1.norm() and (c1 - c2).norm() <= 1e-6 * c1.norm()
+        # The chunked shift solves the unchunked normal equations (KᵀK + e^λ I) ΔWᵀ = KᵀD up to float32
+        # rounding (compared by residual: with few rows KᵀK + e^λ I is ill-conditioned, so ΔW itself
+        # may move more than the rounding).
+        for (g, c), lam, shift in zip(whole, ed.log_lambdas, ed.weight_shifts(batch)):
+            residual = (g + lam.exp() * torch.eye(g.shape[0])) @ shift.T - c.T
+            assert residual.norm() <= 1e-4 * c.norm(), float(residual.norm() / c.norm())
+        ed.chunk_size = 64
+        # λ → ∞: e^λ ΔW → Σ_t η δ̃_t ũ_tᵀ, the update MEND's formula gives with the same networks.
+        ed.log_lambdas.fill_(30.0)
+        far = ed.weight_shifts(batch)
+        for i, ((u_t, d_t), shift) in enumerate(zip(ed.transform(ed.capture(batch)), far)):
+            summed = ed.edit_lrs[i] * d_t.T @ u_t
+            torch.testing.assert_close(shift * torch.tensor(30.0).exp(), summed, atol=1e-4, rtol=1e-3)
+        # W' = W − ΔW (Conv1D stored transposed)
+        edited = ed.apply_edits(batch, []).params
+        for p, shift in zip(ed.inner_params, far):
+            w = ed.model.get_parameter(p.name)
+            torch.testing.assert_close(edited[p.name], w - (shift.T if p.transposed else shift))
+
+
+def test_decoupled_training_gradient_equals_the_direct_one(make_editor):
+    ed = make_editor("malmen", "tiny-gpt2", chunk_size=64)
+    reqs = requests(3)
+    batch = ed.formatter.batch(*zip(*reqs))
+    _non_trivial(ed, batch)
+    from metaedit.data.datamodule import EditCollator
+    from tests.test_protocols import _record
+
+    eb = EditCollator(ed.formatter, sample=False)([_record(p, t) for p, t in reqs])
+    system = EditorSystem(ed, prefix_cache=False)
+
+    def grads(run) -> list[torch.Tensor]:
+        ed.zero_grad(set_to_none=True)
+        logs = run(eb, system._objective, lambda loss, check=None: loss.backward())
+        return logs["loss"], [p.grad.clone() for p in ed.parameters() if p.requires_grad and p.grad is not None]
+
+    direct_loss, direct = grads(lambda *a: type(ed).__mro__[2].training_loss_and_backward(ed, *a))  # Editor's default
+    loss, decoupled = grads(ed.training_loss_and_backward)
+    torch.testing.assert_close(loss, direct_loss)
+    assert len(direct) == len(decoupled) and any(g.abs().sum() > 0 for g in direct)
+    for a, b in zip(direct, decoupled):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_batch_too_large_names_the_chunk_setting(make_editor):
+    ed = make_editor("malmen", "tiny-gpt2", chunk_size=8, memory_cap_mb=1e-3)
+    batch = ed.formatter.batch(*zip(*requests(4)))
+    with pytest.raises(MetaEditError, match="chunk_size"):
+        ed.apply_edits(batch, [])
+
+
+@pytest.mark.slow
+def test_malmen_trains_with_train_py_and_its_checkpoint_round_trips(tmp_path):
+    # Lifelong on too: sequences of 3 steps, each step's loss with the previous 2 steps' edits.
+    res = run_cli(["train.py", "method=malmen", "model=tiny-gpt2", "data=synthetic", "data.n_edits=6",
+                   "method.editor.chunk_size=4", "method.editor.rank=16",
+                   "method.loss.lifelong={steps_back:2,gamma:0.9,l2:0.001,seq_len:3}", *FAST], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "checkpoints" / "malmen-tiny-gpt2-synthetic"
+    assert json.loads((run / "train_info.json").read_text())["steps"] == 6
+    ed = load_editor(run)
+    assert ed.method == "malmen" and ed.chunk_size == 4
+    save_editor(ed, tmp_path / "again")
+    again = load_editor(tmp_path / "again", model=ed.model, tokenizer=ed.formatter.tokenizer)
+    for (k, a), (k2, b) in zip(ed.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    batch = ed.formatter.batch(*zip(*requests(2)))
+    with torch.no_grad():
+        before = nll(forward_logits(ed.model, batch), batch.targets)
+        assert torch.equal(ed.apply_edits(batch, []).logits(batch), again.apply_edits(batch, []).logits(batch))
+        assert nll(ed.apply_edits(batch, []).logits(batch), batch.targets) != before
+
+
+@pytest.mark.parametrize("method", ["mend", "malmen"])
+def test_lifelong_loss_includes_the_earlier_edits_of_the_sequence(make_editor, method):
+    from metaedit.data.datamodule import EditCollator
+    from tests.test_editors import TEST_SUBJECTS, WORLD
+    from tests.test_protocols import _record
+
+    ed = make_editor(method, "tiny-gpt2")
+    ed.eval()  # frozen running norms: the runs below see the same networks
+    reqs = requests(4)
+    collate = EditCollator(ed.formatter, sample=False)
+    first, second = collate([_record(*r) for r in reqs[:2]]), collate([_record(*r) for r in reqs[2:]])
+    other_targets = [next(o for o in WORLD.objects["capital"] if o not in (t, WORLD.facts[(s, "capital")]))
+                     for s, (_, t) in zip(TEST_SUBJECTS, reqs[:2])]
+    first_changed = collate([_record(p, t) for (p, _), t in zip(reqs[:2], other_targets)])
+
+    def second_step(first_batch):
+        system = EditorSystem(ed, prefix_cache=False, lifelong={"steps_back": 2, "gamma": 0.5, "l2": 1.0, "seq_len": 4})
+
+        def backward(loss, check=None):
+            loss.backward()
+            system._finite = True
+
+        system._backward = backward
+        logs1, _ = system.outer_step(first_batch)
+        assert "loss_edit_prev" not in logs1 and system._running  # the next step starts from this edit
+        ed.zero_grad(set_to_none=True)
+        logs2, finite = system.outer_step(second)
+        assert finite and logs2["loss_edit_prev"] > 0 and logs2["loss_l2"] > 0
+        return logs2, [p.grad.clone() for p in ed.parameters() if p.grad is not None]
+
+    logs, grads = second_step(first)
+    logs_changed, grads_changed = second_step(first_changed)
+    # Step 2's own edits are the same; only the earlier edits' targets differ, and so do loss and gradient.
+    assert logs["loss_edit_prev"] != logs_changed["loss_edit_prev"] and logs["loss"] != logs_changed["loss"]
+    assert any(not torch.allclose(a, b) for a, b in zip(grads, grads_changed))
