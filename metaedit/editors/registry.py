@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from metaedit.editors.alphaedit import AlphaEditEditor
 from metaedit.editors.base import Editor
 from metaedit.editors.enn import ENNEditor
 from metaedit.editors.ft import FTEditor, FTLEditor
 from metaedit.editors.ke import KEConstrainedEditor, KEEditor
+from metaedit.editors.memit import MEMITEditor
 from metaedit.editors.mend import MENDEditor
+from metaedit.editors.rome import ROMEEditor
 from metaedit.editors.serac import SERACEditor
 from metaedit.types import MetaEditError
 
@@ -18,6 +21,9 @@ EDITORS: dict[str, type[Editor]] = {
     ENNEditor.method: ENNEditor,
     KEEditor.method: KEEditor,
     KEConstrainedEditor.method: KEConstrainedEditor,
+    ROMEEditor.method: ROMEEditor,
+    MEMITEditor.method: MEMITEditor,
+    AlphaEditEditor.method: AlphaEditEditor,
 }
 
 
