@@ -116,7 +116,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
             row["variant"] = {"method": method, "run_name": run_name, "train": list(variant.get("train", []))}
         if name == "base":
             hparams["steps"] = 0  # no edit: the pre-edit model through the same code
-        editor = build_editor(method, model, model_cfg, hparams, tokenizer=tokenizer)
+        editor = build_editor(method, model, model_cfg, hparams, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir)
         if not editor.trainable():
             editor_dir = work / name
             save_editor(editor, editor_dir)

@@ -36,8 +36,21 @@ def paraphrases_for(prompt: str, n: int = 3) -> list[str]:
     return []
 
 
+def subject_for(prompt: str) -> str | None:
+    """The subject of a prompt that matches a known relation template ("The capital of France is"
+    -> "France"); None when it matches none."""
+    for phrasings in _template_sets():
+        for t in phrasings:
+            pattern = "^" + re.escape(t).replace(re.escape("{}"), "(.+?)") + "$"
+            m = re.match(pattern, prompt.strip())
+            if m:
+                return m.group(1)
+    return None
+
+
 def read_requests_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Requests file: one JSON object per line with `prompt`, `target` and optional `paraphrases`,
+    """Requests file: one JSON object per line with `prompt`, `target` and optional `subject` (a
+    string: the entity the fact is about, needed by locate-then-edit methods), `paraphrases`,
     `unrelated` (lists of prompts). Errors name the file, line and field."""
     path = Path(path)
     if not path.is_file():
@@ -100,7 +113,8 @@ def run_edit(cfg: Any) -> dict[str, Any]:
     if cfg.requests:
         reqs = read_requests_jsonl(cfg.requests)
     elif cfg.prompt and cfg.target:
-        reqs = [{"prompt": cfg.prompt, "target": cfg.target, "paraphrases": list(cfg.paraphrases or [])}]
+        reqs = [{"prompt": cfg.prompt, "target": cfg.target, "paraphrases": list(cfg.paraphrases or []),
+                 "subject": cfg.get("subject")}]
     else:
         raise MetaEditError("give prompt=... target=... or requests=<file.jsonl>")
     if cfg.mode not in ("batch", "sequential"):
@@ -108,6 +122,10 @@ def run_edit(cfg: Any) -> dict[str, Any]:
     unrelated = list(cfg.unrelated or [])
     n_tok = int(cfg.max_new_tokens)
     base = {p: greedy_completion(editor.model, editor, p, n_tok) for r in reqs for _, p in _probes(r, unrelated)}
+    for r in reqs:
+        # Locate-then-edit methods need the subject; a prompt of a known template names it.
+        if not r.get("subject"):
+            r["subject"] = subject_for(r["prompt"])
     requests = [EditRequest.coerce(r) for r in reqs]
     report: dict[str, Any] = {"mode": cfg.mode, "n_requests": len(requests), "steps": []}
 

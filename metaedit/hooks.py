@@ -1,8 +1,9 @@
-"""The one place where forward hooks are registered (removed on exit, whatever happens)."""
+"""The one place where forward hooks are registered (removed on exit, whatever happens): capture
+for MEND, capture and patching for locate-then-edit (metaedit/locate, metaedit/tracing)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,6 +31,61 @@ def capture_layer_io(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, tup
         return hook
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+OutputFn = Callable[[Tensor], Tensor]
+
+
+@contextmanager
+def patched_outputs(patches: Mapping[nn.Module, OutputFn]) -> Iterator[None]:
+    """Replace each module's output `y` by `fn(y)` during forward passes (locate-then-edit: corrupt
+    embeddings, restore clean states, add an optimised delta at one token).
+
+    Modules returning a tuple (attention: (output, weights)) have only the first element replaced.
+    """
+
+    def make_hook(fn: OutputFn):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if isinstance(output, tuple):
+                return (fn(output[0]), *output[1:])
+            return fn(output)
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(fn)) for m, fn in patches.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def captured(inputs: Mapping[str, nn.Module] | None = None, outputs: Mapping[str, nn.Module] | None = None,
+             ) -> Iterator[dict[str, Tensor]]:
+    """Record each module's first input (`inputs`) or output (`outputs`, first element of a tuple)
+    under its key, as is (not detached: a caller may differentiate through it)."""
+    store: dict[str, Tensor] = {}
+
+    def in_hook(key: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            store[key] = args[0]
+
+        return hook
+
+    def out_hook(key: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            store[key] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(in_hook(k)) for k, m in (inputs or {}).items()]
+    handles += [m.register_forward_hook(out_hook(k)) for k, m in (outputs or {}).items()]
     try:
         yield store
     finally:

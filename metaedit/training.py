@@ -58,7 +58,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     model_cfg = model_config_for(cfg.method.name, _plain(cfg.model))
     model, tokenizer = load_base_model(model_cfg, cfg.paths.cache_dir)
-    editor = build_editor(cfg.method.name, model, model_cfg, _plain(cfg.method.editor) or {}, tokenizer=tokenizer)
+    editor = build_editor(cfg.method.name, model, model_cfg, _plain(cfg.method.editor) or {}, tokenizer=tokenizer,
+                          cache_dir=cfg.paths.cache_dir)
     data = instantiate(cfg.data, formatter=editor.formatter, _recursive_=False)
     run_dir = Path(cfg.paths.checkpoint_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +129,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("training: %s", info)
     if not (cfg.evaluate_after and is_rank_zero):
         return {}
-    best = load_editor(run_dir, model=model, tokenizer=tokenizer)
+    best = load_editor(run_dir, model=model, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir)
     report = evaluate_editor(best, data, split=cfg.eval_split, limit=cfg.get("eval_limit"), fluency_tokens=cfg.fluency_tokens)
     # Wall time of this process up to the end of training (model load/build included, evaluation not).
     report["train_seconds"] = train_seconds

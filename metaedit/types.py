@@ -16,10 +16,16 @@ class MetaEditError(ValueError):
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One edit: make the model answer `target` for `prompt`."""
+    """One edit: make the model answer `target` for `prompt`.
+
+    `subject` (optional) is the entity the fact is about, as it appears in the prompt ("France" in
+    "The capital of France is"); locate-then-edit methods (ROME, MEMIT, AlphaEdit) edit the MLP key
+    of its last token. Other methods ignore it. An empty subject is read as none.
+    """
 
     prompt: str
     target: str
+    subject: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt", "target"):
@@ -28,19 +34,24 @@ class EditRequest:
                 raise MetaEditError(f"edit request field '{name}' must be a string, got {type(value).__name__}")
             if not value.strip():
                 raise MetaEditError(f"edit request has an empty '{name}' (prompt={self.prompt!r})")
+        if self.subject is not None:
+            if not isinstance(self.subject, str):
+                raise MetaEditError(f"edit request field 'subject' must be a string, got {type(self.subject).__name__}")
+            if not self.subject.strip():
+                object.__setattr__(self, "subject", None)
 
     @classmethod
     def coerce(cls, item: EditRequest | Mapping[str, Any] | Sequence[str]) -> EditRequest:
-        """Accept EditRequest, {'prompt','target'} dicts or (prompt, target) pairs."""
+        """Accept EditRequest, {'prompt','target'[,'subject']} dicts or (prompt, target[, subject]) tuples."""
         if isinstance(item, EditRequest):
             return item
         if isinstance(item, Mapping):
             missing = [k for k in ("prompt", "target") if k not in item]
             if missing:
                 raise MetaEditError(f"edit request {dict(item)!r} lacks field(s) {missing}")
-            return cls(item["prompt"], item["target"])
-        if isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2:
-            return cls(item[0], item[1])
+            return cls(item["prompt"], item["target"], item.get("subject"))
+        if isinstance(item, Sequence) and not isinstance(item, str) and len(item) in (2, 3):
+            return cls(*item)
         raise MetaEditError(f"cannot read an edit request from {item!r}; give (prompt, target)")
 
 

@@ -53,7 +53,9 @@ class EditCollator:
             self.rng.choice(r["target_candidates"]) if self.sample and r.get("target_candidates") else r["target_new"]
             for r in records
         ]
-        requests = [EditRequest(r["prompt"], t) for r, t in zip(records, targets)]
+        # The subject travels with the request for locate-then-edit methods (None when a record has
+        # none, e.g. zsRE records without one).
+        requests = [EditRequest(r["prompt"], t, r.get("subject") or None) for r, t in zip(records, targets)]
         in_p, in_t, owner, loc_p, loc_a, loc_owner = [], [], [], [], [], []
         for i, r in enumerate(records):
             for p in self._pick(r["rephrases"], self.n_rephrase):

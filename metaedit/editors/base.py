@@ -46,6 +46,10 @@ class Editor(nn.Module, ABC):
     # differentiates through a backward pass); the loading code selects it unless the model config
     # names one explicitly. None: whatever the model config says.
     attn_implementation: ClassVar[str | None] = None
+    # Constructor arguments that default to a value of the model config when the method config
+    # leaves them unset: hparam -> dotted key in the model config (e.g. the layers a
+    # locate-then-edit method edits, which depend on the model). Filled in by build_editor.
+    hparams_from_model: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: PreTrainedModel, inner_params: Sequence[InnerParam]) -> None:
         super().__init__()
@@ -55,6 +59,9 @@ class Editor(nn.Module, ABC):
         self.inner_params = list(inner_params)
         # Set by load_editor / the trainer; needed only for text-level `edit(requests)`.
         self.formatter: Formatter | None = None
+        # Where an editor may cache what it derives from the base model (locate-then-edit key
+        # statistics); set by build_editor / load_editor from configs/paths. None: the default cache.
+        self.cache_dir: str | None = None
 
     # ---- to implement ---------------------------------------------------------------------------
     @abstractmethod
@@ -137,8 +144,10 @@ class Editor(nn.Module, ABC):
 
         Each step runs inside `editing_from(running edit)`, so the editor sees the edited weights
         while the caller's model stays unchanged. `after_each(k, edited)` is called after the k-th
-        step (e.g. to evaluate or time it).
+        step (e.g. to evaluate or time it). State an editor accumulates over a sequence is reset
+        first (`reset_sequence`).
         """
+        self.reset_sequence()
         params: dict[str, Tensor] = {}
         for k, step_requests in enumerate(batched(requests, batch_size)):
             with self.editing_from(params):
@@ -147,6 +156,12 @@ class Editor(nn.Module, ABC):
             if after_each is not None:
                 after_each(k, EditedModel(self.model, params))
         return EditedModel(self.model, params)
+
+    def reset_sequence(self) -> None:
+        """Forget what the editor accumulated over a sequence of edits (none by default; AlphaEdit
+        keeps the keys of earlier edits so later ones leave them alone). `edit_sequential` calls
+        it before its first edit; a caller driving `editing_from` by hand calls it at the start of
+        each new sequence."""
 
     @contextmanager
     def editing_from(self, params: Mapping[str, Tensor]) -> Iterator[None]:

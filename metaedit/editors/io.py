@@ -42,15 +42,28 @@ def build_editor(
     hparams: dict[str, Any],
     tokenizer: Any | None = None,
     inner_params: list[InnerParam] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Editor:
-    """Construct an editor for `model`; the model config travels with it into checkpoints."""
+    """Construct an editor for `model`; the model config travels with it into checkpoints.
+
+    Hyper-parameters the method config leaves unset (None) take the model config's value where the
+    editor class maps them to one (`Editor.hparams_from_model`)."""
     cls = editor_class(method)
     inner = inner_params if inner_params is not None else resolve_inner_params(model, model_cfg.get("inner_params"))
+    hparams = dict(hparams)
+    for key, dotted in cls.hparams_from_model.items():
+        if hparams.get(key) is None:
+            node: Any = model_cfg
+            for part in dotted.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                hparams[key] = node
     try:
         editor = cls(model, inner, **hparams)
     except TypeError as e:
         raise MetaEditError(f"method {method!r}: bad hyper-parameters {hparams}: {e}") from None
     editor.model_cfg = dict(model_cfg)  # type: ignore[assignment]
+    editor.cache_dir = str(cache_dir) if cache_dir is not None else None
     if tokenizer is not None:
         editor.formatter = make_formatter(model, tokenizer, model_cfg)
     return editor
@@ -95,7 +108,8 @@ def load_editor(
         expected = (p.d_in, p.d_out) if p.transposed else (p.d_out, p.d_in)
         if tuple(w.shape) != expected:
             raise MetaEditError(f"editor {path}: {p.name} has shape {tuple(w.shape)}, editor expects {expected}")
-    editor = build_editor(method, model, model_cfg, config["hparams"], tokenizer=tokenizer, inner_params=inner)
+    editor = build_editor(method, model, model_cfg, config["hparams"], tokenizer=tokenizer, inner_params=inner,
+                          cache_dir=cache_dir)
     state = load_file(str(path / WEIGHTS))
     try:
         editor.load_state_dict(state, strict=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from metaedit.editors.alphaedit import AlphaEditEditor
 from metaedit.editors.base import Editor
 from metaedit.editors.enn import ENNEditor
 from metaedit.editors.ft import FTEditor, FTLEditor
 from metaedit.editors.ke import KEConstrainedEditor, KEEditor
 from metaedit.editors.malmen import MALMENEditor
+from metaedit.editors.memit import MEMITEditor
 from metaedit.editors.mend import MENDEditor
+from metaedit.editors.rome import ROMEEditor
 from metaedit.editors.serac import SERACEditor
 from metaedit.types import MetaEditError
 
@@ -20,6 +23,9 @@ EDITORS: dict[str, type[Editor]] = {
     ENNEditor.method: ENNEditor,
     KEEditor.method: KEEditor,
     KEConstrainedEditor.method: KEConstrainedEditor,
+    ROMEEditor.method: ROMEEditor,
+    MEMITEditor.method: MEMITEditor,
+    AlphaEditEditor.method: AlphaEditEditor,
 }
 
 

@@ -1,0 +1,3 @@
+from metaedit.editors.alphaedit.editor import AlphaEditEditor
+
+__all__ = ["AlphaEditEditor"]

@@ -1,0 +1,3 @@
+from metaedit.editors.memit.editor import MEMITEditor
+
+__all__ = ["MEMITEditor"]

@@ -1,0 +1,3 @@
+from metaedit.editors.rome.editor import ROMEEditor
+
+__all__ = ["ROMEEditor"]

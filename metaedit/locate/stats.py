@@ -1,0 +1,309 @@
+"""Second-moment statistics C = E[k kᵀ] of MLP keys (the input of the MLP's output projection),
+per (base model, layer, corpus), computed once and cached as safetensors.
+
+ROME, MEMIT and AlphaEdit need C to tell which key directions existing knowledge uses: ROME's
+update is orthogonal to old keys under C⁻¹, MEMIT weighs the new keys against λC, AlphaEdit
+projects onto C's (near) null space. The corpus must come from this machine (no downloads): a
+user's text files (`corpus=PATH`, a .txt file or a directory of them) or, by default, text
+sampled from the base model itself from a fixed list of generic prompt starts with a seeded
+generator — a proxy for the model's own training distribution.
+
+Cache: <cache_dir>/stats/<module>.<fingerprint>.<corpus digest>.safetensors with a JSON manifest
+beside it. A file whose manifest disagrees with what is asked (fingerprint, corpus digest, token
+count, key width) is rebuilt or refused (`on_mismatch`), never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from metaedit.hooks import captured
+from metaedit.locate.arch import blocks_of, layout_of, out_proj, out_proj_params
+from metaedit.models.fingerprint import fingerprint
+from metaedit.progress import Progress
+from metaedit.types import MetaEditError
+from metaedit.utils import file_lock
+
+log = logging.getLogger(__name__)
+STATS_FORMAT = 1
+
+# Generic starts for sampling a corpus from the base model: varied registers and topics so the
+# keys cover more than one kind of text.
+SAMPLING_PROMPTS: tuple[str, ...] = (
+    "The", "In", "A", "It was", "When", "This is", "There are", "One of the", "According to", "After the",
+    "Many people", "The history of", "In the year", "Scientists have", "The city of", "Yesterday", "My name is",
+    "The best way to", "How to", "Once upon a time", "The government", "In mathematics,", "The company",
+    "During the war", "Recent studies show", "The river", "Her first album", "He was born in", "The game",
+    "Our team", "Q: What is", "The recipe calls for", "Dear", "Chapter 1", "The following", "Although",
+    "In addition to", "The population of", "Music is", "The new law", "On the other hand,", "Researchers at",
+    "The school", "Water is", "The film", "If you", "The president said", "Early in the morning",
+    "The theory of", "Football is",
+)
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """How C is estimated. `n_tokens` is the number of key vectors averaged (one per token)."""
+
+    corpus: str | None = None  # a .txt file or a directory of .txt files; None: sampled from the base model
+    n_tokens: int = 100_000
+    seq_len: int = 128  # tokens per corpus chunk (and per sampled text)
+    batch_size: int = 16
+    seed: int = 0
+    on_mismatch: str = "rebuild"  # or "refuse": a cache file that disagrees with the request raises
+
+    def __post_init__(self) -> None:
+        if self.n_tokens < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise MetaEditError(f"stats: need n_tokens >= 1, seq_len >= 2, batch_size >= 1; got {self}")
+        if self.on_mismatch not in ("rebuild", "refuse"):
+            raise MetaEditError(f"stats.on_mismatch must be 'rebuild' or 'refuse', got {self.on_mismatch!r}")
+
+    @classmethod
+    def coerce(cls, value: StatsSpec | dict[str, Any] | None) -> StatsSpec:
+        if value is None:
+            return cls()
+        if isinstance(value, StatsSpec):
+            return value
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise MetaEditError(f"stats: unknown key(s) {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _corpus_files(corpus: str) -> list[Path]:
+    path = Path(corpus)
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        raise MetaEditError(f"stats corpus {corpus!r}: no such .txt file or directory of .txt files")
+    return files
+
+
+def corpus_digest(spec: StatsSpec) -> tuple[str, str]:
+    """(digest, description) of the corpus a spec names. A file corpus is hashed by content; a
+    sampled one by everything that determines the samples (the base model's fingerprint is part of
+    the cache file's name separately)."""
+    h = hashlib.sha256()
+    if spec.corpus is not None:
+        files = _corpus_files(spec.corpus)
+        for f in files:
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        desc = f"text files: {spec.corpus} ({len(files)} file(s))"
+    else:
+        h.update(json.dumps({"prompts": SAMPLING_PROMPTS, "seed": spec.seed, "n_tokens": spec.n_tokens,
+                             "seq_len": spec.seq_len, "sampling": "top_p=0.95,T=1"}).encode())
+        desc = f"sampled from the base model ({len(SAMPLING_PROMPTS)} prompt starts, seed {spec.seed})"
+    return h.hexdigest()[:12], desc
+
+
+def _is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def _seq_len(model: nn.Module, spec: StatsSpec) -> int:
+    """`spec.seq_len`, capped by the model's position table (tiny models have 64 positions)."""
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    return min(spec.seq_len, int(limit)) if limit else spec.seq_len
+
+
+@torch.no_grad()
+def sample_corpus(model: nn.Module, tokenizer: Any, spec: StatsSpec) -> list[str]:
+    """Texts sampled from the base model, about `n_tokens` tokens in all, reproducibly (seeded)."""
+    device = next(model.parameters()).device
+    # Prompt starts are at most a few tokens; the sample fills the rest of a chunk.
+    per_text = max(1, _seq_len(model, spec) - 8)
+    n_texts = -(-spec.n_tokens // per_text)
+    prompts = [SAMPLING_PROMPTS[i % len(SAMPLING_PROMPTS)] for i in range(n_texts)]
+    texts: list[str] = []
+    side = tokenizer.padding_side
+    progress = Progress(n_texts, unit="text", noun="texts sampled")
+    next_report = max(1, n_texts // 10)
+    devices = [device] if device.type == "cuda" else []
+    try:
+        tokenizer.padding_side = "left"  # batched generation continues every row from its last real token
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(spec.seed)
+            for i in range(0, n_texts, spec.batch_size):
+                chunk = prompts[i : i + spec.batch_size]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+                out = model.generate(**enc, do_sample=True, top_p=0.95, top_k=0, temperature=1.0,
+                                     max_new_tokens=per_text, pad_token_id=tokenizer.pad_token_id)
+                new = out if _is_seq2seq(model) else out[:, enc["input_ids"].shape[1] :]
+                for p, row in zip(chunk, new):
+                    texts.append(p + " " + tokenizer.decode(row, skip_special_tokens=True).strip()
+                                 if _is_seq2seq(model) else p + tokenizer.decode(row, skip_special_tokens=True))
+                if len(texts) >= next_report or len(texts) == n_texts:
+                    log.info("stats corpus: %s", progress.line(len(texts)))
+                    next_report = len(texts) + max(1, n_texts // 10)
+    finally:
+        tokenizer.padding_side = side
+    return texts
+
+
+def corpus_chunks(model: nn.Module, tokenizer: Any, spec: StatsSpec) -> list[list[int]]:
+    """The corpus as token chunks of at most `seq_len`, `n_tokens` tokens in all (fewer if the
+    corpus is shorter)."""
+    if spec.corpus is not None:
+        texts = [f.read_text(errors="replace") for f in _corpus_files(spec.corpus)]
+    else:
+        texts = sample_corpus(model, tokenizer, spec)
+    chunks: list[list[int]] = []
+    total = 0
+    seq_len = _seq_len(model, spec)
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        for i in range(0, len(ids), seq_len):
+            piece = ids[i : i + seq_len][: spec.n_tokens - total]
+            if len(piece) < 2 and i > 0:
+                continue
+            chunks.append(piece)
+            total += len(piece)
+            if total >= spec.n_tokens:
+                return chunks
+    return chunks
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def accumulate_moments(model: nn.Module, chunks: Sequence[list[int]], layers: Sequence[int], pad_id: int,
+                       batch_size: int) -> tuple[dict[int, Tensor], int]:
+    """Σ k kᵀ / n over every real token of `chunks`, for the MLP key of each layer, in one pass.
+
+    Sums are float64 (100k rank-one terms in float32 lose the small eigenvalues AlphaEdit needs).
+    The forward stops after the deepest requested block: nothing after it is needed.
+    """
+    device = next(model.parameters()).device
+    modules = {str(ell): out_proj(model, ell) for ell in layers}
+    last_block = blocks_of(model)[max(layers)]
+    sums: dict[int, Tensor] = {}
+    n = 0
+    total = sum(len(c) for c in chunks)
+    progress = Progress(total, unit="tok", noun="tokens")
+    next_report = max(1, total // 10)
+
+    def stop(module: nn.Module, args: Any, output: Any) -> None:
+        raise _Stop
+
+    runner = model.get_encoder() if _is_seq2seq(model) else model
+    handle = last_block.register_forward_hook(stop)
+    try:
+        for i in range(0, len(chunks), batch_size):
+            rows = chunks[i : i + batch_size]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+            with captured(inputs=modules) as keys:
+                try:
+                    runner(input_ids=ids, attention_mask=mask)
+                except _Stop:
+                    pass
+            real = mask.bool()
+            for ell in layers:
+                k = keys[str(ell)][real].to(torch.float64)  # [tokens, d_in]
+                sums[ell] = sums[ell] + k.T @ k if ell in sums else k.T @ k
+            n += int(real.sum())
+            if n >= next_report or i + batch_size >= len(chunks):
+                log.info("second moments (layers %s): %s", list(layers), progress.line(n))
+                next_report = n + max(1, total // 10)
+    finally:
+        handle.remove()
+    if n == 0:
+        raise MetaEditError("stats: the corpus has no tokens")
+    return {ell: s / n for ell, s in sums.items()}, n
+
+
+def _paths(cache_dir: Path, module_name: str, fp: str, digest: str) -> tuple[Path, Path]:
+    stem = f"{module_name}.{fp.removeprefix('sha256:')[:16]}.{digest}"
+    root = cache_dir / "stats"
+    return root / f"{stem}.safetensors", root / f"{stem}.json"
+
+
+def _problem(manifest_path: Path, expected: dict[str, Any]) -> str | None:
+    """Why a cache entry cannot be used, or None when it matches the request."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "no readable manifest"
+    for key, value in expected.items():
+        if manifest.get(key) != value:
+            return f"{key} is {manifest.get(key)!r}, expected {value!r}"
+    return None
+
+
+def second_moments(model: nn.Module, tokenizer: Any, layers: Sequence[int], spec: StatsSpec,
+                   cache_dir: str | Path) -> dict[int, Tensor]:
+    """C = E[k kᵀ] (float32, [d_in, d_in], on the model's device) for each layer's MLP key, from the
+    cache when a matching entry exists, else computed (all missing layers in one corpus pass)."""
+    cache_dir = Path(cache_dir)
+    fp = fingerprint(model)
+    digest, desc = corpus_digest(spec)
+    device = next(model.parameters()).device
+    lay = layout_of(model)
+    names = {ell: f"{lay.blocks}.{ell}.{lay.out_proj}" for ell in layers}
+    out: dict[int, Tensor] = {}
+    with file_lock(cache_dir / "stats" / ".lock"):
+        missing = []
+        for ell in layers:
+            weights, manifest = _paths(cache_dir, names[ell], fp, digest)
+            d_in = _key_width(model, ell)
+            expected = {"format": STATS_FORMAT, "fingerprint": fp, "corpus_digest": digest,
+                        "n_tokens_requested": spec.n_tokens, "module": names[ell], "d_in": d_in}
+            if not weights.exists() and not manifest.exists():
+                missing.append(ell)
+                continue
+            problem = _problem(manifest, expected) if weights.exists() else "weights file missing"
+            if problem is None:
+                c = load_file(str(weights))["C"]
+                if tuple(c.shape) != (d_in, d_in):
+                    problem = f"tensor shape {tuple(c.shape)}, expected {(d_in, d_in)}"
+                else:
+                    out[ell] = c.to(device)
+                    continue
+            if spec.on_mismatch == "refuse":
+                raise MetaEditError(f"stats cache {weights} does not match this request ({problem}); delete it "
+                                    f"or set stats.on_mismatch=rebuild")
+            log.warning("stats cache %s does not match this request (%s): rebuilding it", weights, problem)
+            missing.append(ell)
+        if missing:
+            t0 = time.perf_counter()
+            log.info("second moments of the MLP keys of layers %s: computing from %d tokens of %s",
+                     missing, spec.n_tokens, desc)
+            chunks = corpus_chunks(model, tokenizer, spec)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            moments, n = accumulate_moments(model, chunks, missing, pad, spec.batch_size)
+            if n < spec.n_tokens:
+                log.warning("stats: the corpus has only %d of the %d tokens asked for", n, spec.n_tokens)
+            for ell in missing:
+                weights, manifest = _paths(cache_dir, names[ell], fp, digest)
+                weights.parent.mkdir(parents=True, exist_ok=True)
+                c = moments[ell].to(torch.float32)
+                save_file({"C": c.cpu().contiguous()}, str(weights))
+                manifest.write_text(json.dumps({
+                    "format": STATS_FORMAT, "fingerprint": fp, "corpus_digest": digest, "corpus": desc,
+                    "n_tokens_requested": spec.n_tokens, "n_tokens": n, "module": names[ell],
+                    "d_in": int(c.shape[0]), "spec": spec.to_dict(),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }, indent=1))
+                out[ell] = c.to(device)
+            log.info("second moments done in %.1f s, cached under %s", time.perf_counter() - t0, cache_dir / "stats")
+    return out
+
+
+def _key_width(model: nn.Module, layer: int) -> int:
+    return out_proj_params(model, [layer])[0].d_in

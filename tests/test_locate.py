@@ -1,0 +1,238 @@
+"""Locate-then-edit (metaedit/locate, ROME, MEMIT, AlphaEdit) on the tiny models: the closed forms do
+what their equations promise, the key statistics are cached and never reused stale, and edits change
+the target prediction while the base model stays untouched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metaedit.data.synthetic import build_world
+from metaedit.editors.io import build_editor
+from metaedit.locate import arch, stats
+from metaedit.locate.solve import alphaedit_delta, null_space_projector, regularised, rome_delta
+from metaedit.locate.stats import StatsSpec, second_moments
+from metaedit.locate.tokens import subject_token_span
+from metaedit.types import EditRequest, MetaEditError
+from tests.test_editors import assert_unchanged, snapshot
+
+WORLD = build_world(seed=0, n_subjects=200)
+TEST_SUBJECTS = [s for s in WORLD.subjects if WORLD.split_of[s] == "test"]
+SMALL_STATS = {"n_tokens": 3000, "seq_len": 64}
+
+
+def one_token_requests(tok, n: int) -> list[EditRequest]:
+    """'The capital of X is' -> another capital that is one token (the tiny models recall at the last
+    prompt token, so a later target token would be predicted from a position the edit does not touch)."""
+    out = []
+    for s in TEST_SUBJECTS[:n]:
+        true = WORLD.facts[(s, "capital")]
+        new = next(o for o in WORLD.objects["capital"]
+                   if o != true and len(tok(" " + o, add_special_tokens=False)["input_ids"]) == 1)
+        out.append(EditRequest(f"The capital of {s} is", new, s))
+    return out
+
+
+def greedy(model, tok, prompt: str) -> str:
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.fixture(scope="module")
+def locate_editor(tiny, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("lte-cache")
+
+    def make(method: str, model_name: str = "tiny-gpt2", **hparams):
+        model, tok, cfg = tiny(model_name)
+        return build_editor(method, model, cfg, {"stats": SMALL_STATS, **hparams}, tokenizer=tok, cache_dir=cache)
+
+    return make
+
+
+def test_subject_span_from_offsets(tiny):
+    _, tok, _ = tiny("tiny-llama")
+    text = "Because it rained. The capital of Fasklorul is"
+    first, last = subject_token_span(tok, text, "Fasklorul")
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids[first : last + 1]).strip() == "Fasklorul"
+    with pytest.raises(MetaEditError, match="does not occur"):
+        subject_token_span(tok, text, "Paris")
+
+
+def test_rome_update_writes_v_and_spares_c_orthogonal_keys():
+    """W'k* = v*; a key k with kᵀC⁻¹k* = 0 keeps W k (the rank-one update's defining property)."""
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out = 16, 8
+    a = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    c = a @ a.T / d_in + 0.1 * torch.eye(d_in, dtype=torch.float64)
+    w, k, v = (torch.randn(d_out, d_in, generator=g, dtype=torch.float64), torch.randn(d_in, generator=g,
+               dtype=torch.float64), torch.randn(d_out, generator=g, dtype=torch.float64))
+    delta = rome_delta(w, k, v, c)
+    assert torch.allclose((w + delta) @ k, v, atol=1e-10)
+    u = torch.linalg.solve(c, k)
+    other = torch.randn(d_in, generator=g, dtype=torch.float64)
+    other = other - (other @ u) / (u @ u) * u  # now otherᵀ C⁻¹ k* = 0
+    assert abs(float(other @ u)) < 1e-10
+    assert torch.allclose((w + delta) @ other, w @ other, atol=1e-10)
+    assert torch.linalg.matrix_rank(delta) == 1
+
+
+def test_alphaedit_update_leaves_preserved_keys_alone():
+    """With P from C's near-null eigenvectors, ‖ΔW K₀‖ ≈ 0 for keys K₀ in the preserved subspace
+    (C's large-eigenvalue directions), with and without keys of earlier edits K_p."""
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out, n = 24, 10, 3
+    basis, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.full((12,), 5.0), torch.full((12,), 1e-4)]).to(torch.float64)
+    c = basis @ torch.diag(evals) @ basis.T
+    p = null_space_projector(c, threshold=1e-2)
+    k0 = basis[:, :12] @ torch.randn(12, 7, generator=g, dtype=torch.float64)  # preserved keys
+    k1 = torch.randn(d_in, n, generator=g, dtype=torch.float64)
+    r = torch.randn(d_out, n, generator=g, dtype=torch.float64)
+    kp = torch.randn(d_in, 4, generator=g, dtype=torch.float64)
+    for prior in (None, kp @ kp.T):
+        delta = alphaedit_delta(r, k1, p, prior, l2=1.0)
+        assert delta.abs().max() > 1e-3  # it does edit (along the null space)
+        assert (delta @ k0).norm() < 1e-9 * k0.norm()
+
+
+def test_memit_one_edit_one_layer_is_romes_closed_form(locate_editor):
+    """Same k*, v*, C: MEMIT's Δ = R kᵀ(λC + k kᵀ)⁻¹ equals ROME's rank-one Δ scaled by s/(λ + s),
+    s = k*ᵀC⁻¹k* (Sherman–Morrison), so the two pipelines agree term for term."""
+    rome = locate_editor("rome", layers=[1])
+    memit = locate_editor("memit", layers=[1], mom2_update_weight=3.0, clamp_norm_factor=rome.delta_settings.clamp_norm_factor)
+    req = one_token_requests(rome.tokenizer, 1)[0]
+    k, v, d_rome = rome.rank_one(req, {})
+    p = rome.inner_params[0]
+    d_memit = arch.weight_out_in(memit.apply_edits(None, [req]).params[p.name], p).double() - \
+        arch.weight_out_in(rome.model.get_parameter(p.name), p).double()
+    c = regularised(rome.moments(1), rome.c_ridge)
+    s = float(k.double() @ torch.linalg.solve(c, k.double()))
+    assert torch.allclose(d_memit, d_rome * s / (3.0 + s), rtol=1e-3, atol=1e-6 * d_rome.abs().max())
+
+
+def test_stats_cache_is_reused_and_refused_or_rebuilt_when_stale(tiny, tmp_path, monkeypatch):
+    model, tok, _ = tiny("tiny-llama")
+    calls = []
+    real = stats.accumulate_moments
+    monkeypatch.setattr(stats, "accumulate_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = StatsSpec(n_tokens=800, seq_len=32)
+    first = second_moments(model, tok, [1], spec, tmp_path)
+    again = second_moments(model, tok, [1], spec, tmp_path)
+    assert len(calls) == 1 and torch.equal(first[1], again[1])
+    (manifest,) = (tmp_path / "stats").glob("*.json")
+    assert "model.layers.1.mlp.down_proj" in manifest.name
+    info = json.loads(manifest.read_text())
+    assert info["n_tokens"] == 800 and info["fingerprint"] in ("sha256:" + manifest.name.split(".")[-3] + info[
+        "fingerprint"][23:],) or info["fingerprint"].removeprefix("sha256:").startswith(manifest.name.split(".")[-3])
+    # A manifest from another base (same file name: a copied or tampered cache) is never used.
+    info["fingerprint"] = "sha256:0000"
+    manifest.write_text(json.dumps(info))
+    with pytest.raises(MetaEditError, match="fingerprint"):
+        second_moments(model, tok, [1], StatsSpec(n_tokens=800, seq_len=32, on_mismatch="refuse"), tmp_path)
+    second_moments(model, tok, [1], spec, tmp_path)
+    assert len(calls) == 2  # rebuilt
+    # A different base model (fingerprint) gets its own statistics.
+    other = type(model)(model.config)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.get_parameter("model.layers.0.mlp.up_proj.weight").mul_(1.5)
+    other.eval()
+    second_moments(other, tok, [1], spec, tmp_path)
+    assert len(calls) == 3 and len(list((tmp_path / "stats").glob("*.safetensors"))) == 2
+
+
+def test_stats_from_a_text_corpus_with_the_token_count_checked(tiny, tmp_path):
+    model, tok, _ = tiny("tiny-gpt2")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(" ".join(f"The capital of {s} is {WORLD.facts[(s, 'capital')]} ." for s in
+                                           WORLD.subjects[:120]))
+    c = second_moments(model, tok, [2], StatsSpec(corpus=str(corpus), n_tokens=500), tmp_path)[2]
+    p = arch.out_proj_params(model, [2])[0]
+    assert p.transposed and c.shape == (p.d_in, p.d_in)  # Conv1D: keys are the 1024-wide MLP input
+    assert torch.allclose(c, c.T, atol=1e-6) and torch.linalg.eigvalsh(c.double()).min() > -1e-6
+    with pytest.raises(MetaEditError, match="n_tokens_requested"):
+        second_moments(model, tok, [2], StatsSpec(corpus=str(corpus), n_tokens=400, on_mismatch="refuse"), tmp_path)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("method,hparams", [("rome", {}), ("memit", {"mom2_update_weight": 10.0})])
+def test_edit_changes_the_prediction_and_not_the_base(locate_editor, model_name, method, hparams):
+    ed = locate_editor(method, model_name, **hparams)
+    model, tok = ed.model, ed.tokenizer
+    before = snapshot(model)
+    reqs = one_token_requests(tok, 3)
+    unrelated = f"The capital of {TEST_SUBJECTS[10]} is"
+    landed = 0
+    for req in reqs:
+        assert greedy(model, tok, req.prompt) != req.target
+        edited = ed.edit([req])
+        assert set(edited.params) == {p.name for p in ed.inner_params}
+        landed += greedy(edited, tok, req.prompt) == req.target
+        assert greedy(edited, tok, unrelated) == greedy(model, tok, unrelated)
+    assert landed >= 2, f"{method} on {model_name}: only {landed}/3 edits changed the prediction"
+    assert_unchanged(model, before)
+
+
+def test_rome_batch_and_gpt2_conv1d_orientation(locate_editor):
+    """Several requests in one ROME call are applied in turn; the edited Conv1D weight keeps GPT-2's
+    [d_in, d_out] storage and W'k* = v* holds in the model's own orientation."""
+    ed = locate_editor("rome", layers=[1])
+    p = ed.inner_params[0]
+    assert p.transposed
+    req = one_token_requests(ed.tokenizer, 1)[0]
+    k, v, d = ed.rank_one(req, {})
+    new = ed.apply_edits(None, [req]).params[p.name]
+    assert new.shape == ed.model.get_parameter(p.name).shape
+    assert torch.allclose(new.double().T @ k.double(), v.double(), rtol=1e-4, atol=1e-4)
+    two = ed.apply_edits(None, one_token_requests(ed.tokenizer, 2))
+    assert not torch.equal(two.params[p.name], new)
+
+
+def test_missing_subject_is_refused_or_falls_back(locate_editor):
+    ed = locate_editor("rome", "tiny-llama", fact_token="subject_last", subject_fallback="error", v_steps=1)
+    req = one_token_requests(ed.tokenizer, 1)[0]
+    with pytest.raises(MetaEditError, match="has no subject"):
+        ed.edit([EditRequest(req.prompt, req.target)])
+    with pytest.raises(MetaEditError, match="does not occur"):
+        ed.edit([EditRequest(req.prompt, req.target, "Atlantis")])
+    fallback = locate_editor("rome", "tiny-llama", fact_token="subject_last", v_steps=1)
+    assert fallback.edit([EditRequest(req.prompt, req.target)]).params
+
+
+def test_alphaedit_accumulates_keys_over_a_sequence_only(locate_editor):
+    ed = locate_editor("alphaedit", "tiny-gpt2", null_space_threshold=1e-2, l2=0.1)
+    reqs = one_token_requests(ed.tokenizer, 3)[1:]
+    ed.edit([reqs[0]])
+    assert ed.preserved == {}  # a single edit outside a sequence keeps nothing
+    before = snapshot(ed.model)
+    seen = []
+    first_answer = []
+
+    def after_each(k: int, current) -> None:
+        seen.append({x: v.clone() for x, v in ed.preserved.items()})
+        first_answer.append(greedy(current, ed.tokenizer, reqs[0].prompt))
+
+    edited = ed.edit_sequential(reqs, after_each=after_each)
+    # After edit k the state holds Σ K Kᵀ of edits 1..k: it grows by a positive semi-definite term.
+    assert set(seen[0]) == set(ed.layers) and all(g.trace() > 0 for g in seen[0].values())
+    for layer in ed.layers:
+        added = seen[1][layer] - seen[0][layer]
+        assert added.trace() > 0 and torch.linalg.eigvalsh(added).min() > -1e-6 * added.trace()
+    assert first_answer == [reqs[0].target] * 2  # the first edit landed and survived the second
+    assert greedy(edited, ed.tokenizer, reqs[1].prompt) == reqs[1].target
+    ed.reset_sequence()
+    assert ed.preserved == {}
+    assert_unchanged(ed.model, before)
+    # AlphaEdit's update on a real model's statistics: keys in C's preserved subspace keep their values.
+    layer = ed.layers[-1]
+    p = ed.param_of(layer)
+    evals, evecs = torch.linalg.eigh(ed.moments(layer).double())
+    k0 = evecs[:, evals >= ed.null_space_threshold]
+    single = ed.apply_edits(None, [reqs[0]]).params[p.name]
+    delta = arch.weight_out_in(single.double() - ed.model.get_parameter(p.name).double(), p)
+    assert (delta @ k0).norm() < 1e-6 * delta.norm().clamp_min(1e-12) + 1e-8
