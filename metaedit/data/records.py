@@ -79,8 +79,10 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
-# Bumped whenever a builder changes what it writes: built files live in a directory named by it, so
-# stale builds and the results measured on them are never mixed with new ones.
+# The default data version of a generated dataset (`GeneratedEditData.version`): a builder that
+# changes what it writes gives its dataset a new version (built files live in a directory named by
+# it, so stale builds and the results measured on them are never mixed with new ones). A dataset
+# may carry its own: data=worldfacts_wide is version 3 while data=worldfacts stays version 2.
 DATA_VERSION = 2
 
 
