@@ -89,6 +89,9 @@ class ProgressLog(pl.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         scores = (f" train/loss {float(loss):.4f}" if loss is not None else "") + (
             f" val/loss {self._val_loss:.4f}" if self._val_loss is not None else "")
+        # The editor's summary state (Editor.state_to_log names without a "/"): one host sync per line.
+        scores += "".join(f" {k[len('train/'):]} {float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items())
+                          if k.startswith("train/state/") and "/" not in k[len("train/state/"):])
         log.info("step %s%s", self._train.line(step), scores)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

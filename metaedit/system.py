@@ -200,6 +200,7 @@ class EditorSystem(pl.LightningModule):
                 self.lr_schedulers().step()
                 self.nonfinite_in_row = 0
                 logs["grad_norm"] = norm.detach()
+                self._log_editor_state(batch.n_edits)
             else:
                 self.nonfinite_in_row += 1
                 self.nonfinite_total += 1
@@ -213,6 +214,15 @@ class EditorSystem(pl.LightningModule):
         logs["nonfinite_steps"] = torch.tensor(float(self.nonfinite_total))
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch.n_edits, prog_bar=False)
         self.log("train_loss", logs["loss"], prog_bar=True, logger=False, batch_size=batch.n_edits)
+
+    def _log_editor_state(self, batch_size: int) -> None:
+        """The editor's own state after an update (Editor.state_to_log), as `train/state/<name>`."""
+        state = self.editor.state_to_log()
+        if state:
+            # Copied: a buffer the editor updates in place later (KE's λ) must not change a logged value.
+            values = {f"train/state/{k}": v.detach().float().clone() if torch.is_tensor(v) else float(v)
+                      for k, v in state.items()}
+            self.log_dict(values, batch_size=batch_size, prog_bar=False)
 
     def on_validation_epoch_start(self) -> None:
         self._val = MetricAccumulator()

@@ -4,19 +4,24 @@ no-op, eager attention is selected for it, and its checkpoint is the trained sub
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from metaedit import load_editor
+from metaedit.callbacks import ProgressLog
 from metaedit.editors.enn import ENNEditor
 from metaedit.editors.io import CONFIG, WEIGHTS, model_config_for
 from metaedit.functional import forward_logits
 from metaedit.losses import exact_correct, nll
 from metaedit.models.inner_params import InnerParam
 from metaedit.models.loading import load_model_config
+from metaedit.system import EditorSystem
 from metaedit.types import LMBatch, MetaEditError
 from tests.test_editors import assert_unchanged, requests, snapshot
 
@@ -147,7 +152,7 @@ def test_enn_edit_changes_the_target_and_never_the_base(make_editor):
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])
-def test_enn_checkpoint_round_trips_and_holds_only_the_trained_subset(make_editor, tiny, tmp_path, name):
+def test_enn_checkpoint_round_trips_and_holds_only_the_trained_subset(make_editor, tiny, tmp_path, name, record_property):
     ed = make_editor("enn", name, train_pattern=r".*final_layer_norm\.weight|transformer\.ln_f\.weight")
     torch.manual_seed(1)
     with torch.no_grad():
@@ -166,16 +171,47 @@ def test_enn_checkpoint_round_trips_and_holds_only_the_trained_subset(make_edito
     assert set(a) == set(ed.trained_names) and len(ed.trained_names) > len(ed.inner_params)
     assert_unchanged(model, before)  # loading applies θ functionally; the base object keeps θ0
 
-    saved = load_file(str(tmp_path / "ed" / WEIGHTS))
-    base = dict(model.state_dict())
-    assert set(saved) == {f"theta.{i}" for i in range(len(ed.trained_names))} | {"log_lrs"}
-    # Exactly the trained subset plus one step size per inner tensor, never the whole model.
-    trained = sum(base[n].numel() for n in ed.trained_names)
-    assert sum(t.numel() for t in saved.values()) == trained + len(ed.inner_params) < sum(w.numel() for w in base.values())
-    for t in saved.values():
+    config = assert_checkpoint_is_theta_and_step_sizes(tmp_path / "ed", model, record_property)
+    assert config["hparams"]["train_pattern"]
+
+
+def test_enn_checkpoint_of_the_inner_params_only(make_editor, tiny, tmp_path, record_property):
+    ed = make_editor("enn", "tiny-gpt2")
+    with torch.no_grad():
+        for p in ed.theta:
+            p.add_(1e-3)
+    ed.save_pretrained(str(tmp_path / "ed"))
+    config = assert_checkpoint_is_theta_and_step_sizes(tmp_path / "ed", tiny("tiny-gpt2")[0], record_property)
+    assert config["hparams"]["train_pattern"] is None and len(ed.trained_names) == len(ed.inner_params)
+
+
+def assert_checkpoint_is_theta_and_step_sizes(directory, model: nn.Module, record_property) -> dict:
+    """The saved editor.safetensors holds exactly θ (one tensor per trained base parameter, the names
+    given by the config: its inner params, then the base parameters train_pattern matches, in the
+    base's order) and the step sizes; nothing of the base model. Returns the config."""
+    saved = load_file(str(directory / WEIGHTS))
+    config = json.loads((directory / CONFIG).read_text())
+    assert config["method"] == "enn"
+    base = dict(model.named_parameters())
+    names = [p["name"] for p in config["inner_params"]]
+    if config["hparams"]["train_pattern"] is not None:
+        pattern = re.compile(config["hparams"]["train_pattern"])
+        names += [n for n in base if pattern.fullmatch(n) and n not in names]
+    assert set(saved) == {f"theta.{i}" for i in range(len(names))} | {"log_lrs"}
+    assert saved["log_lrs"].shape == (len(config["inner_params"]),)  # one step size per inner tensor
+    for i, n in enumerate(names):  # θ_i is the (slightly trained) copy of base parameter n
+        assert saved[f"theta.{i}"].shape == base[n].shape, n
+        torch.testing.assert_close(saved[f"theta.{i}"], base[n].detach(), rtol=0, atol=1e-2)
+    for t in saved.values():  # trained: no tensor is a base tensor as it is
         assert not any(t.shape == w.shape and torch.equal(t, w) for w in base.values())
-    config = json.loads((tmp_path / "ed" / CONFIG).read_text())
-    assert config["method"] == "enn" and config["hparams"]["train_pattern"]
+    # The file is these tensors plus a small header, far below the base's weights.
+    size = (directory / WEIGHTS).stat().st_size
+    tensor_bytes = sum(t.numel() * t.element_size() for t in saved.values())
+    base_bytes = sum(w.numel() * w.element_size() for w in base.values())
+    record_property("editor_safetensors_bytes", size)
+    print(f"{directory / WEIGHTS}: {size} bytes ({len(saved)} tensors, {tensor_bytes} tensor bytes; base {base_bytes})")
+    assert tensor_bytes <= size < tensor_bytes + 16_384 and size < base_bytes
+    return config
 
 
 @pytest.mark.slow
@@ -228,3 +264,36 @@ def test_enn_sequential_edits_accumulate_and_leave_base_and_theta_unchanged(make
     for k, v in ed.state_dict().items():  # θ and α are back in place after the sequence
         assert torch.equal(v, editor_before[k]), k
     assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in ed.theta)
+
+
+def test_enn_step_sizes_train_at_their_own_learning_rate_and_are_logged(make_editor, make_data, caplog):
+    # First order: the tiny fixture's base has SDPA attention (no double backward); α's gradient is exact.
+    ed = make_editor("enn", "tiny-gpt2", edit_lr=0.5, first_order=True, step_size_lr=0.05)
+    start = ed.log_lrs.detach().clone()
+    system = EditorSystem(ed, lr=1e-5, weight_decay=0.1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, inference_mode=False,
+                         callbacks=[ProgressLog(every_n_steps=1)])
+    with caplog.at_level(logging.INFO, logger="metaedit.callbacks"):
+        trainer.fit(system, datamodule=make_data(ed.formatter, n_edits=2))
+
+    groups = trainer.optimizers[0].param_groups  # built by EditorSystem.configure_optimizers
+    ids = [id(p) for g in groups for p in g["params"]]
+    trainable = [p for p in ed.parameters() if p.requires_grad]
+    assert sorted(ids) == sorted(id(p) for p in trainable) and len(ids) == len(set(ids))  # each exactly once
+    (steps,) = [g for g in groups if any(p is ed.log_lrs for p in g["params"])]
+    assert len(steps["params"]) == 1 and steps["lr"] == 0.05 and steps["weight_decay"] == 0.0
+    assert all(g["lr"] == 1e-5 and g["weight_decay"] == 0.1 for g in groups if g is not steps)
+    # Adam moves a parameter by about its group's lr per step: log α moved at 0.05, not at θ's 1e-5.
+    assert (ed.log_lrs.detach() - start).abs().max() > 0.01
+
+    alpha = ed.log_lrs.detach().exp()
+    logged = {k[len("train/state/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/state/")}
+    expected = {"step_size_mean": alpha.mean(), "step_size_min": alpha.min(), "step_size_max": alpha.max(),
+                **{f"step_size/{p.name}": a for p, a in zip(ed.inner_params, alpha)}}
+    assert logged.keys() == expected.keys()
+    for k, v in expected.items():  # the values after the last optimizer step
+        assert logged[k] == pytest.approx(float(v), rel=1e-6), k
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 2/2")]
+    # Progress lines carry the summaries, not the per-tensor details.
+    assert re.search(r" state/step_size_max \S+ state/step_size_mean \S+ state/step_size_min \S+$", lines[0]), lines

@@ -172,3 +172,29 @@ def test_ke_constrained_state_survives_training_steps_and_checkpoints(make_edito
     assert not set(saved) & set(base_sd) and {"lagrange", "margin", "success_ema"} <= set(saved)
     for t in saved.values():  # the embedding copy was trained: no tensor equals a base tensor
         assert not any(t.shape == w.shape and torch.equal(t, w) for w in base_sd.values())
+
+
+def test_ke_embedding_copy_has_its_own_learning_rate_and_constrained_state_is_logged(make_editor, make_data):
+    ed = make_editor("ke_constrained", "tiny-gpt2", embed_lr=1e-6)
+    embed = ed.encoder.embed.weight
+    embed_before = embed.detach().clone()
+    system = EditorSystem(ed, lr=1e-3)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, inference_mode=False)
+    trainer.fit(system, datamodule=make_data(ed.formatter, n_edits=2))
+
+    groups = trainer.optimizers[0].param_groups  # built by EditorSystem.configure_optimizers
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in ed.parameters() if p.requires_grad) and len(ids) == len(set(ids))
+    (emb,) = [g for g in groups if any(p is embed for p in g["params"])]
+    assert len(emb["params"]) == 1 and emb["lr"] == 1e-6
+    assert all(g["lr"] == 1e-3 for g in groups if g is not emb)
+    # Adam moves each entry by about its group's lr per step: 2 steps at 1e-6 stay far below 1e-3.
+    moved = (embed.detach() - embed_before).abs().max().item()
+    assert 0 < moved < 1e-5
+
+    logged = {k[len("train/state/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/state/")}
+    assert logged == pytest.approx({"lambda": ed.lagrange.item(), "margin": ed.margin.item(),
+                                    "success_ema": ed.success_ema.item()})
+    assert logged["lambda"] != ed.lambda_init  # the values after the steps' dual ascent, not the initial ones
+    assert make_editor("ke", "tiny-gpt2").state_to_log() == {}  # shared objective: λ and m take no part

@@ -117,6 +117,14 @@ class Editor(nn.Module, ABC):
         need different step sizes (SERAC's pretrained counterfactual model) overrides this."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
+    def state_to_log(self) -> dict[str, Tensor | float]:
+        """Scalars of the editor's own training state worth watching (learned step sizes, a Lagrange
+        multiplier), by name; the trainer logs each after every optimizer step as
+        `train/state/<name>`. Names without a "/" are summaries the progress lines also print; a
+        name with one (e.g. "step_size/<param>") is a detail that only goes to the logger. Tensors
+        are fine (no host sync here: the trainer detaches and copies them). Default: none."""
+        return {}
+
     # ---- user-facing ----------------------------------------------------------------------------
     def edit(self, requests: Iterable[EditRequest | Mapping[str, Any] | Sequence[str]]) -> EditedModel:
         """Apply a list of edit requests (prompt, target) at once; the base model is left unchanged."""

@@ -37,6 +37,10 @@ class ENNEditor(Editor):
         c_base: weight of KL(p_θ0 ‖ p_θ) on the locality inputs (the original stays frozen).
         train_pattern: regex over base parameter names meta-trained in addition to the inner params
             (trained, never edited); None trains only the inner params.
+        step_size_lr: the outer optimizer's learning rate for the log step sizes (None: the
+            trainer's). θ are base weights that want a small learning rate; log α is one scalar per
+            tensor whose useful range spans orders of magnitude, and at θ's rate Adam moves it by at
+            most ~lr per step (tiny-gpt2, lr 3e-4: α 0.92–1.03 from 1.0 after 1000 steps).
     """
 
     method = "enn"
@@ -53,12 +57,14 @@ class ENNEditor(Editor):
         first_order: bool = False,
         c_base: float = 1.0,
         train_pattern: str | None = None,
+        step_size_lr: float | None = None,
     ) -> None:
         super().__init__(model, inner_params)
-        if edit_lr <= 0 or n_steps < 1 or c_base < 0:
-            raise MetaEditError(f"enn needs edit_lr > 0, n_steps >= 1, c_base >= 0; got {edit_lr}, {n_steps}, {c_base}")
+        if edit_lr <= 0 or n_steps < 1 or c_base < 0 or (step_size_lr is not None and step_size_lr <= 0):
+            raise MetaEditError(f"enn needs edit_lr > 0, n_steps >= 1, c_base >= 0, step_size_lr > 0 or null; "
+                                f"got {edit_lr}, {n_steps}, {c_base}, {step_size_lr}")
         self.edit_lr_init, self.n_steps, self.first_order = edit_lr, n_steps, first_order
-        self.c_base, self.train_pattern = c_base, train_pattern
+        self.c_base, self.train_pattern, self.step_size_lr = c_base, train_pattern, step_size_lr
         inner_names = [p.name for p in self.inner_params]
         extra: list[str] = []
         if train_pattern is not None:
@@ -75,7 +81,25 @@ class ENNEditor(Editor):
 
     def hparams(self) -> dict[str, Any]:
         return {"edit_lr": self.edit_lr_init, "n_steps": self.n_steps, "first_order": self.first_order,
-                "c_base": self.c_base, "train_pattern": self.train_pattern}
+                "c_base": self.c_base, "train_pattern": self.train_pattern, "step_size_lr": self.step_size_lr}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        theta = [p for p in self.parameters() if p.requires_grad and p is not self.log_lrs]
+        # No weight decay on log α: decay would pull α towards 1, a value with no meaning here.
+        step_sizes = {"params": [self.log_lrs] if self.log_lrs.requires_grad else [],
+                      "lr": lr if self.step_size_lr is None else self.step_size_lr, "weight_decay": 0.0}
+        return [{"params": theta, "lr": lr}, step_sizes]
+
+    # At most this many inner tensors get a logged step size each (the defaults edit 6–12 tensors).
+    LOG_EACH_STEP_SIZE_UP_TO: ClassVar[int] = 12
+
+    def state_to_log(self) -> dict[str, Tensor | float]:
+        alpha = self.log_lrs.detach().exp()
+        state: dict[str, Tensor | float] = {"step_size_mean": alpha.mean(), "step_size_min": alpha.min(),
+                                            "step_size_max": alpha.max()}
+        if len(self.inner_params) <= self.LOG_EACH_STEP_SIZE_UP_TO:
+            state.update({f"step_size/{p.name}": a for p, a in zip(self.inner_params, alpha)})
+        return state
 
     def current_params(self) -> dict[str, Tensor]:
         """The meta-trained θ (the editor's copy), by base parameter name."""

@@ -46,6 +46,11 @@ class KEEditor(Editor):
         margin_init, margin_min: initial KL margin and the floor annealing stops at.
         anneal_at, anneal_factor: success threshold and factor of the margin annealing.
         success_decay: decay of the running (exponential average) training edit success.
+        embed_lr: the outer optimizer's learning rate for the condition encoder's embedding copy
+            (None: the trainer's). It starts as the base's pretrained embeddings, the rest of the
+            editor from scratch; Adam moves every entry by ~lr per step whatever its scale, so at the
+            heads' rate the copy can drift out of the base's token space (as for SERAC's cf_lr). With
+            a real vocabulary it is also most of KE's parameters (SmolLM2-135M: 49152 × 576 = 28M).
     """
 
     method = "ke"
@@ -65,10 +70,13 @@ class KEEditor(Editor):
         anneal_at: float = 0.9,
         anneal_factor: float = 0.8,
         success_decay: float = 0.95,
+        embed_lr: float | None = None,
     ) -> None:
         super().__init__(model, inner_params)
         if objective not in OBJECTIVES:
             raise MetaEditError(f"ke objective must be one of {OBJECTIVES}, got {objective!r}")
+        if embed_lr is not None and embed_lr <= 0:
+            raise MetaEditError(f"ke needs embed_lr > 0 or null, got {embed_lr}")
         if lambda_init < 0 or lambda_lr <= 0 or not 0 < margin_min <= margin_init or not 0 < anneal_factor < 1:
             raise MetaEditError(
                 f"ke needs lambda_init >= 0, lambda_lr > 0, 0 < margin_min <= margin_init, 0 < anneal_factor < 1; "
@@ -78,6 +86,7 @@ class KEEditor(Editor):
         self.lambda_init, self.lambda_lr = lambda_init, lambda_lr
         self.margin_init, self.margin_min = margin_init, margin_min
         self.anneal_at, self.anneal_factor, self.success_decay = anneal_at, anneal_factor, success_decay
+        self.embed_lr = embed_lr
         self.encoder = ConditionEncoder(model.get_input_embeddings().weight, hidden, cond_dim)
         self.conditioners = nn.ModuleList(
             MatrixConditioner(cond_dim, hidden, p.d_out, p.d_in, init_lr) for p in self.inner_params
@@ -94,7 +103,19 @@ class KEEditor(Editor):
         return {"hidden": self.hidden, "cond_dim": self.cond_dim, "init_lr": self.init_lr, "objective": self.objective,
                 "lambda_init": self.lambda_init, "lambda_lr": self.lambda_lr, "margin_init": self.margin_init,
                 "margin_min": self.margin_min, "anneal_at": self.anneal_at, "anneal_factor": self.anneal_factor,
-                "success_decay": self.success_decay}
+                "success_decay": self.success_decay, "embed_lr": self.embed_lr}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        embed = self.encoder.embed.weight
+        rest = [p for p in self.parameters() if p.requires_grad and p is not embed]
+        embed_lr = lr if self.embed_lr is None else self.embed_lr
+        return [{"params": rest, "lr": lr}, {"params": [embed] if embed.requires_grad else [], "lr": embed_lr}]
+
+    def state_to_log(self) -> dict[str, Tensor | float]:
+        if self.objective == "shared":
+            return {}  # λ and the margin exist but take no part in the shared objective
+        # success_ema: the running edit success that triggers the margin's annealing.
+        return {"lambda": self.lagrange, "margin": self.margin, "success_ema": self.success_ema}
 
     # ---- conditioning ---------------------------------------------------------------------------
     def _forget_answers_if_the_model_changed(self) -> None:
