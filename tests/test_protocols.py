@@ -101,3 +101,19 @@ def test_bench_reuse_and_table_know_the_protocol(tmp_path, make_editor):
     doc = {"model": "m", "data": "d", "split": "test", "limit": 5, "mode": "exact", "command": "c", "rows": [],
            "protocol": "batch", "n": 5, "batch": 1}
     assert "protocol=batch n=5" in markdown_table(doc).splitlines()[0]
+
+
+def test_grouped_edits_leave_out_locality_inputs_about_subjects_the_group_edits(tiny, make_data):
+    from metaedit.data.datamodule import EditCollator
+    from metaedit.models.loading import make_formatter
+
+    model, tok, cfg = tiny("tiny-gpt2")
+    f = make_formatter(model, tok, cfg)
+    records = make_data(f).records("test")
+    group = records[:8]  # two subjects, four relations each
+    subjects = {r["subject"] for r in group}
+    alone = [p for r in group for p in EditCollator(f, sample=False)([r]).loc_prompts]
+    together = EditCollator(f, sample=False)(group).loc_prompts
+    assert any(any(s in p for s in subjects) for p in alone)  # single edits keep their hard negatives
+    assert together and not any(any(s in p.split() for s in subjects) for p in together)
+    assert set(together) <= set(alone)

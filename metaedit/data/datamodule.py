@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from metaedit.data.formatting import Formatter
-from metaedit.data.integrity import assign_splits, drop_leaking_train_records
+from metaedit.data.integrity import assign_splits, drop_leaking_train_records, words
 from metaedit.data.readers import read_records
 from metaedit.data.records import DATA_VERSION, load_records, write_json_atomic
 from metaedit.data.synthetic import build_world, edit_records
@@ -48,6 +48,21 @@ class EditCollator:
     def _pick(self, items: list[Any], k: int) -> list[Any]:
         return self.rng.sample(items, min(k, len(items))) if self.sample else items
 
+    def _in_scope_of_another(self, records: list[dict[str, Any]]) -> Callable[[int, str], bool]:
+        """When several edits are scored together (evaluation with protocol batch / sequential), a
+        locality input of record i that names the subject of another record of the group is a fact
+        that group edits — its answer may rightly change — so it measures no locality there and is
+        left out. Training batches are left as they are (their configs were measured that way)."""
+        if self.sample or len(records) < 2:
+            return lambda i, prompt: False
+        subjects = [words(r["subject"]) if r.get("subject") else () for r in records]
+
+        def named(prompt: str, subject: tuple[str, ...]) -> bool:
+            w, n = words(prompt), len(subject)
+            return n > 0 and any(w[k : k + n] == subject for k in range(len(w) - n + 1))
+
+        return lambda i, prompt: any(j != i and named(prompt, s) for j, s in enumerate(subjects))
+
     def __call__(self, records: list[dict[str, Any]]) -> EditBatch:
         targets = [
             self.rng.choice(r["target_candidates"]) if self.sample and r.get("target_candidates") else r["target_new"]
@@ -57,15 +72,21 @@ class EditCollator:
         # none, e.g. zsRE records without one).
         requests = [EditRequest(r["prompt"], t, r.get("subject") or None) for r, t in zip(records, targets)]
         in_p, in_t, owner, loc_p, loc_a, loc_owner = [], [], [], [], [], []
+        in_scope_of_another = self._in_scope_of_another(records)
         for i, r in enumerate(records):
             for p in self._pick(r["rephrases"], self.n_rephrase):
                 in_p.append(p)
                 in_t.append(targets[i])
                 owner.append(i)
             for item in self._pick(r["locality"], self.n_loc):
+                if in_scope_of_another(i, item["prompt"]):
+                    continue
                 loc_p.append(item["prompt"])
                 loc_a.append(item["answer"])
                 loc_owner.append(i)
+        if not loc_p:
+            raise MetaEditError(f"these {len(records)} edits leave no locality input out of their scope (every one names a "
+                                f"subject the group edits); score them in smaller groups (a smaller n)")
         f = self.formatter
         counterfact: dict[str, Any] = {}
         if not self.sample and all(r.get("target_true") for r in records):
