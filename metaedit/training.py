@@ -101,10 +101,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("resuming from %s", ckpt)
         # weights_only: resuming never unpickles (WeightsOnlyCheckpointIO enforces it on every strategy).
         trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)
-        # The final state is a resume point too (e.g. to continue with a larger max_steps). Saving's
-        # weights_only means "model weights only, no optimizer/loop state"; left unset, Lightning logs
-        # "`weights_only` was not set, defaulting to `False`" here, which is about saving, not loading.
-        trainer.save_checkpoint(f"{last}.tmp", weights_only=False)
+        # The final state is a resume point too (e.g. to continue with a larger max_steps), so it keeps
+        # the optimizer and loop state. (Saving's `weights_only` means "model weights only"; left
+        # unset, Lightning logs "`weights_only` was not set, defaulting to `False`" — about saving,
+        # not loading: loading is weights_only=True above.)
+        keep_optimizer_state = True
+        trainer.save_checkpoint(f"{last}.tmp", weights_only=not keep_optimizer_state)
         is_rank_zero = trainer.is_global_zero
         if is_rank_zero:
             os.replace(f"{last}.tmp", last)
