@@ -7,6 +7,7 @@ import torch
 
 from metaedit.data.synthetic import build_world
 from metaedit.functional import forward_logits
+from metaedit.hooks import capture_layer_io
 from metaedit.losses import exact_correct, nll
 
 WORLD = build_world(seed=0, n_subjects=200)
@@ -160,3 +161,78 @@ def test_one_stacked_forward_matches_separate_forwards(make_editor, name):
     assert a.shape[:2] == (1, short.width) and b.shape[:2] == (3, long.width)
     assert torch.allclose(a, edited.logits(short), atol=1e-5)
     assert torch.allclose(b, edited.logits(long), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+@pytest.mark.parametrize("rows", ["subject", "subject_last"])
+def test_mend_subject_rows_are_the_subjects_tokens(make_editor, name, rows):
+    """rows=subject/subject_last keep exactly the (u, δ) pairs of the subject's (last) token(s) on the
+    prompt stream: the same vectors the full capture has at those positions (a seq2seq decoder keeps
+    all of its rows), and a request without a subject uses its last prompt token."""
+    from metaedit.locate.tokens import subject_token_span
+    from metaedit.types import EditRequest
+
+    full, ed = make_editor("mend", name), make_editor("mend", name, rows=rows)
+    pairs = requests(2)
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(pairs)] + [EditRequest("Water is", "hot")]
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    assert full.rows == "nonpad"
+    picked, everything = ed.capture(batch, reqs), full.capture(batch)
+    # The oracle: layer inputs and output gradients at every position, from hooks on the model.
+    modules = {p.module_name: ed.model.get_submodule(p.module_name) for p in ed.inner_params}
+    with torch.enable_grad(), capture_layer_io(modules) as io:
+        loss = nll(forward_logits(ed.model, batch), batch.targets, reduction="sum")
+        grads = torch.autograd.grad(loss, [io[p.module_name][1] for p in ed.inner_params])
+    want = []
+    for r in reqs[:2]:
+        first, last = subject_token_span(ed.formatter.tokenizer, r.prompt, r.subject)
+        want.append(range(last, last + 1) if rows == "subject_last" else range(first, last + 1))
+    want.append([len(ed.formatter.prompt_ids("Water is")) - 1])
+    for p, (u, d), (u_all, d_all), g in zip(ed.inner_params, picked, everything, grads):
+        if p.side == "output" and batch.decoder_input_ids is not None:
+            assert torch.equal(u, u_all) and torch.equal(d, d_all), p.name
+            continue
+        inputs = io[p.module_name][0]
+        expect_u = torch.stack([inputs[i, t] for i, positions in enumerate(want) for t in positions])
+        expect_d = torch.stack([g[i, t] for i, positions in enumerate(want) for t in positions])
+        # Rows whose δ is exactly zero carry nothing and are dropped in every mode.
+        live = (expect_d != 0).any(-1)
+        assert live.any(), p.name
+        assert torch.allclose(u, expect_u[live].float()) and torch.allclose(d, expect_d[live].float()), p.name
+
+
+def test_mend_subject_rows_refuse_requests_that_do_not_match(make_editor):
+    from metaedit.types import EditRequest, MetaEditError
+
+    ed = make_editor("mend", "tiny-llama", rows="subject_last")
+    req = EditRequest("The capital of France is", "Rome", "Germany")
+    batch = ed.formatter.batch([req.prompt], [req.target])
+    with pytest.raises(MetaEditError, match="does not occur"):
+        ed.capture(batch, [req])
+    with pytest.raises(MetaEditError, match="one edit request per row"):
+        ed.capture(batch)
+    with pytest.raises(MetaEditError, match="rows must be one of"):
+        make_editor("mend", "tiny-llama", rows="subjects")
+
+
+def test_mend_step_sizes_get_their_own_learning_rate_and_are_logged(make_editor, make_data):
+    """edit_lr_lr (the reference code's lr_lr) puts η in its own optimizer group without weight decay;
+    Adam then moves η by about that rate per step; η is logged as train/state/edit_lr_*."""
+    import pytorch_lightning as pl
+
+    from metaedit.system import EditorSystem
+
+    ed = make_editor("mend", "tiny-gpt2", edit_lr=1e-3, edit_lr_lr=0.05)
+    start = ed.edit_lrs.detach().clone()
+    system = EditorSystem(ed, lr=1e-5, weight_decay=0.1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, inference_mode=False)
+    trainer.fit(system, datamodule=make_data(ed.formatter, n_edits=2))
+    groups = trainer.optimizers[0].param_groups
+    (steps,) = [g for g in groups if any(p is ed.edit_lrs for p in g["params"])]
+    assert len(steps["params"]) == 1 and steps["lr"] == 0.05 and steps["weight_decay"] == 0.0
+    assert all(g["lr"] == 1e-5 for g in groups if g is not steps)
+    assert (ed.edit_lrs.detach() - start).abs().max() > 0.01
+    logged = {k[len("train/state/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/state/")}
+    assert logged["edit_lr_max"] == pytest.approx(float(ed.edit_lrs.max()), rel=1e-6)
+    assert {f"edit_lr/{p.module_name}" for p in ed.inner_params} < logged.keys()

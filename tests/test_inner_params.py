@@ -83,3 +83,17 @@ def test_non_linear_match_is_refused():
     model = tiny_random("gpt2", "causal_lm")
     with pytest.raises(MetaEditError, match="not a Linear/Conv1D"):
         resolve_inner_params(model, [{"container": "transformer.h", "layers": [0], "pattern": "ln_1"}])
+
+
+def test_depth_fractions_pick_the_same_part_of_deep_and_shallow_models():
+    spec = [{"container": "model.layers", "depth": [0.1, 0.25], "pattern": r"mlp\.down_proj"}]
+    deep = AUTO["causal_lm"].from_config(AutoConfig.for_model("llama", **{**SMALL["llama"], "num_hidden_layers": 30}))
+    assert [p.name for p in resolve_inner_params(deep, spec)] == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(3, 8)]
+    shallow = tiny_random("llama", "causal_lm")  # 5 blocks: 1/5 lies in [0.1, 0.25)
+    assert [p.name for p in resolve_inner_params(shallow, spec)] == ["model.layers.1.mlp.down_proj.weight"]
+    narrow = [{**spec[0], "depth": [0.9, 0.91]}]  # no block starts inside: the nearest one after lo
+    assert [p.name for p in resolve_inner_params(shallow, narrow)] == ["model.layers.4.mlp.down_proj.weight"]
+    for bad, message in [({"depth": [0.5, 0.2]}, "0 <= lo < hi"), ({"depth": "x"}, "two fractions"),
+                         ({"depth": [0.1, 0.2], "layers": [0]}, "exactly one")]:
+        with pytest.raises(MetaEditError, match=message):
+            resolve_inner_params(shallow, [{"container": "model.layers", "pattern": r"mlp\.down_proj", **bad}])

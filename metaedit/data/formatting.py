@@ -42,7 +42,8 @@ class Formatter:
         # Prompts cut to fit max_length: the first is logged, the rest only counted (no log flood).
         self.n_truncated = 0
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's token ids before any cut to max_length (special tokens as the model expects)."""
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if self.family == "seq2seq_lm" and self.tokenizer.eos_token_id is not None:
             # Encoder inputs end in EOS as in T5/BART pre-training; add it if the tokenizer did not.
@@ -101,7 +102,7 @@ class Formatter:
             ti = self.target_ids(t)
             # At least one prompt token must precede the target: its logits predict the first target token.
             self._check_target(t, ti, self.max_length - 1)
-            pi = self._fit_prompt(p, self._prompt_ids(p), self.max_length - len(ti))
+            pi = self._fit_prompt(p, self.prompt_ids(p), self.max_length - len(ti))
             n_prompt = len(pi)
             ids.append(pi + ti)
             # logits at position i predict token i+1: targets are the sequence shifted left by one.
@@ -114,7 +115,7 @@ class Formatter:
         tis = [self.target_ids(t) for t in targets]
         for t, ti in zip(targets, tis):
             self._check_target(t, ti, self.max_length)
-        enc = [self._fit_prompt(p, self._prompt_ids(p), self.max_length) for p in prompts]
+        enc = [self._fit_prompt(p, self.prompt_ids(p), self.max_length) for p in prompts]
         dec_in = [[self.decoder_start_token_id] + t[:-1] for t in tis]
         dec_mask = self._pad([[1] * len(r) for r in dec_in], 0)
         return LMBatch(
@@ -136,7 +137,7 @@ class Formatter:
                 labels.append(int(key))
             else:
                 raise MetaEditError(f"classifier target {t!r} is not a label; valid: {sorted(self.label2id)}")
-        enc = [self._fit_prompt(p, self._prompt_ids(p), self.max_length) for p in prompts]
+        enc = [self._fit_prompt(p, self.prompt_ids(p), self.max_length) for p in prompts]
         n = len(enc)
         return LMBatch(
             input_ids=self._pad(enc, self.tokenizer.pad_token_id),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -87,11 +88,8 @@ def resolve_inner_params(model: nn.Module, spec: Sequence[Mapping[str, Any]] | N
         if not isinstance(container, nn.ModuleList):
             raise MetaEditError(f"inner_params group {g}: {container_name!r} is not a list of blocks")
         n = len(container)
-        for idx in group["layers"]:
-            if not -n <= idx < n:
-                raise MetaEditError(f"inner_params group {g}: layer {idx} out of range for {n} blocks in {container_name}")
+        layers = _group_layers(group, g, n, container_name)
         pattern = re.compile(group["pattern"])
-        layers = sorted({i % n for i in group["layers"]})
         found = 0
         for i in layers:
             for rel, module in container[i].named_modules():
@@ -109,6 +107,28 @@ def resolve_inner_params(model: nn.Module, spec: Sequence[Mapping[str, Any]] | N
         if found == 0:
             raise MetaEditError(
                 f"inner_params group {g}: pattern {group['pattern']!r} matches no Linear/Conv1D module in "
-                f"{container_name} layers {list(group['layers'])}"
+                f"{container_name} layers {layers}"
             )
     return out
+
+
+def _group_layers(group: Mapping[str, Any], g: int, n: int, container_name: str) -> list[int]:
+    """Block indices of a group: `layers` (indices, negative from the end) or `depth: [lo, hi]`,
+    the blocks whose relative position i/n lies in [lo, hi) (at least one): a recipe found on one
+    model (e.g. the early-middle MLPs of a 30-block Llama) then resolves on a shallower one of the
+    same family."""
+    if ("layers" in group) == ("depth" in group):
+        raise MetaEditError(f"inner_params group {g}: give exactly one of 'layers' (indices) or 'depth' ([lo, hi) fractions)")
+    if "depth" in group:
+        try:
+            lo, hi = (float(x) for x in group["depth"])
+        except (TypeError, ValueError):
+            raise MetaEditError(f"inner_params group {g}: depth must be two fractions [lo, hi), got {group['depth']!r}") from None
+        if not 0.0 <= lo < hi <= 1.0:
+            raise MetaEditError(f"inner_params group {g}: depth [{lo}, {hi}) must satisfy 0 <= lo < hi <= 1")
+        first = min(int(math.ceil(lo * n)), n - 1)
+        return list(range(first, max(first + 1, int(math.ceil(hi * n)))))
+    for idx in group["layers"]:
+        if not -n <= idx < n:
+            raise MetaEditError(f"inner_params group {g}: layer {idx} out of range for {n} blocks in {container_name}")
+    return sorted({i % n for i in group["layers"]})

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from metaedit.editors.mend import MENDEditor
+from metaedit.editors.mend.editor import RowsMode
 from metaedit.functional import EditedModel
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
@@ -58,14 +59,16 @@ class MALMENEditor(MENDEditor):
         inner_params: Sequence[InnerParam],
         rank: int = 1920,
         edit_lr: float = 1e-1,
-        rows: Literal["nonpad", "target"] = "nonpad",
+        rows: RowsMode = "nonpad",
         n_blocks: int = 2,
         act: str = "gelu",
         lambda_init: float = 0.0,
         chunk_size: int = 64,
         memory_cap_mb: float | None = None,
+        edit_lr_lr: float | None = None,
     ) -> None:
-        super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act)
+        super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
+                         edit_lr_lr=edit_lr_lr)
         if chunk_size < 1:
             raise MetaEditError(f"malmen chunk_size must be >= 1, got {chunk_size}")
         self.lambda_init, self.chunk_size, self.memory_cap_mb = lambda_init, chunk_size, memory_cap_mb
@@ -89,7 +92,7 @@ class MALMENEditor(MENDEditor):
                 + (" or the edits per training step (data.n_edits)" if torch.is_grad_enabled() else ""))
         return total
 
-    def normal_equations(self, edit: LMBatch) -> list[tuple[Tensor, Tensor]]:
+    def normal_equations(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None) -> list[tuple[Tensor, Tensor]]:
         """(KᵀK, DᵀK) per inner layer, summed over chunks of `chunk_size` edits."""
         sums: list[tuple[Tensor, Tensor] | None] = [None] * len(self.inner_params)
         held = 0.0
@@ -97,7 +100,7 @@ class MALMENEditor(MENDEditor):
             part = edit if len(edit) <= self.chunk_size else edit.select(
                 torch.arange(start, min(start + self.chunk_size, len(edit))))
             try:
-                rows = self.capture(part)
+                rows = self.capture(part, None if requests is None else requests[start : start + self.chunk_size])
                 held = self._check_memory(rows, held)
                 pairs = self.transform(rows)
                 for i, (k, v) in enumerate(pairs):
@@ -113,9 +116,9 @@ class MALMENEditor(MENDEditor):
                     f"method.editor.chunk_size{' or data.n_edits' if torch.is_grad_enabled() else ''} ({e})") from None
         return [s for s in sums if s is not None]
 
-    def weight_shifts(self, edit: LMBatch) -> list[Tensor]:
+    def weight_shifts(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None) -> list[Tensor]:
         """ΔW_ℓ [d_out, d_in] for every inner layer (differentiable w.r.t. networks, η, λ)."""
-        return [solve_shift(g, c, self.log_lambdas[i]) for i, (g, c) in enumerate(self.normal_equations(edit))]
+        return [solve_shift(g, c, self.log_lambdas[i]) for i, (g, c) in enumerate(self.normal_equations(edit, requests))]
 
     def shifted(self, shifts: Sequence[Tensor]) -> EditedModel:
         """The model with W' = W − ΔW on every inner layer (Conv1D stores W as [d_in, d_out])."""
@@ -127,7 +130,7 @@ class MALMENEditor(MENDEditor):
         return EditedModel(self.model, params)
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
-        return self.shifted(self.weight_shifts(edit))
+        return self.shifted(self.weight_shifts(edit, requests))
 
     # ---- decoupled meta-training ----------------------------------------------------------------
     def training_loss_and_backward(
@@ -138,7 +141,7 @@ class MALMENEditor(MENDEditor):
     ) -> dict[str, Tensor]:
         # (1) ΔW with a graph into the networks only: the base ran forward/backward per chunk to give
         #     the constants (u, δ); no graph through it is kept.
-        shifts = self.weight_shifts(batch.edit)
+        shifts = self.weight_shifts(batch.edit, batch.requests)
         # (2) The outer loss on W − ΔW with ΔW a leaf: each chunk's base graph ends at the leaf and is
         #     freed by its backward, so only one chunk's activations live at a time. Chunks are
         #     weighted by their share of the edits (their losses are means over their own tokens).

@@ -13,9 +13,13 @@ from metaedit.editors.base import Editor
 from metaedit.editors.mend.networks import GradientTransform
 from metaedit.functional import EditedModel, forward_logits
 from metaedit.hooks import capture_layer_io
+from metaedit.locate.tokens import subject_row_mask
 from metaedit.losses import nll
 from metaedit.models.inner_params import InnerParam
-from metaedit.types import EditRequest, LMBatch
+from metaedit.types import EditRequest, LMBatch, MetaEditError
+
+RowsMode = Literal["nonpad", "target", "subject", "subject_last"]
+ROWS_MODES: tuple[str, ...] = ("nonpad", "target", "subject", "subject_last")
 
 
 class MENDEditor(Editor):
@@ -25,10 +29,18 @@ class MENDEditor(Editor):
     Args:
         rank: rank r of the low-rank residual blocks (clamped to d_in + d_out).
         edit_lr: initial value of the learned per-layer step size η_ℓ.
-        rows: "nonpad" keeps every position with a non-zero u and δ (the reference behaviour);
-            "target" keeps only target positions on the output stream (encoder layers keep all).
+        rows: which positions' (u, δ) pairs make the update. "nonpad" keeps every position with a
+            non-zero u and δ (the reference behaviour); "target" keeps only target positions on the
+            output stream (encoder layers keep all); "subject" keeps the subject's tokens and
+            "subject_last" its last token, on the stream the prompt is read on (decoder layers of a
+            seq2seq model keep all): a key taken where the subject is read differs between facts
+            that share a template, so the update moves their answers less (DESIGN §2, locality).
+            A request without a subject uses its last prompt token (logged once).
         n_blocks: residual blocks in each network.
         act: activation of the residual blocks (gelu, silu, tanh).
+        edit_lr_lr: the outer optimizer's learning rate for the step sizes η_ℓ (None: the trainer's;
+            the reference code's `lr_lr`). Adam moves a parameter by about its learning rate per
+            step, so at the networks' rate η needs thousands of steps to grow tenfold from 1e-4.
     """
 
     method = "mend"
@@ -39,14 +51,18 @@ class MENDEditor(Editor):
         inner_params: Sequence[InnerParam],
         rank: int = 1920,
         edit_lr: float = 1e-4,
-        rows: Literal["nonpad", "target"] = "nonpad",
+        rows: RowsMode = "nonpad",
         n_blocks: int = 2,
         act: str = "gelu",
+        edit_lr_lr: float | None = None,
     ) -> None:
         super().__init__(model, inner_params)
-        if rows not in ("nonpad", "target"):
-            raise ValueError(f"mend rows must be 'nonpad' or 'target', got {rows!r}")
+        if rows not in ROWS_MODES:
+            raise MetaEditError(f"{self.method} rows must be one of {list(ROWS_MODES)}, got {rows!r}")
+        if edit_lr_lr is not None and edit_lr_lr <= 0:
+            raise MetaEditError(f"{self.method} edit_lr_lr must be > 0 or null, got {edit_lr_lr}")
         self.rank, self.edit_lr_init, self.rows, self.n_blocks, self.act = rank, edit_lr, rows, n_blocks, act
+        self.edit_lr_lr = edit_lr_lr
         # One network per distinct (d_in, d_out), shared by all layers of that shape.
         shapes = sorted({(p.d_in, p.d_out) for p in self.inner_params})
         self._slot: list[tuple[str, int]] = []
@@ -61,11 +77,34 @@ class MENDEditor(Editor):
         self.edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(edit_lr)))
 
     def hparams(self) -> dict[str, Any]:
-        return {"rank": self.rank, "edit_lr": self.edit_lr_init, "rows": self.rows, "n_blocks": self.n_blocks, "act": self.act}
+        return {"rank": self.rank, "edit_lr": self.edit_lr_init, "rows": self.rows, "n_blocks": self.n_blocks,
+                "act": self.act, "edit_lr_lr": self.edit_lr_lr}
 
-    def capture(self, edit: LMBatch) -> list[tuple[Tensor, Tensor]]:
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        rest = [p for p in self.parameters() if p.requires_grad and p is not self.edit_lrs]
+        # No weight decay on η: it would pull the step sizes towards 0, a value with no meaning here.
+        return [{"params": rest, "lr": lr},
+                {"params": [self.edit_lrs], "lr": lr if self.edit_lr_lr is None else self.edit_lr_lr, "weight_decay": 0.0}]
+
+    def state_to_log(self) -> dict[str, Tensor | float]:
+        # The learned step sizes η_ℓ: their scale says whether the edits are still growing.
+        eta = self.edit_lrs.detach()
+        state: dict[str, Tensor | float] = {"edit_lr_mean": eta.mean(), "edit_lr_min": eta.min(), "edit_lr_max": eta.max()}
+        state.update({f"edit_lr/{p.module_name}": e for p, e in zip(self.inner_params, eta)})
+        return state
+
+    def capture(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None) -> list[tuple[Tensor, Tensor]]:
         """(u, δ) rows for every inner layer: one forward + a backward that stops at the earliest
-        inner layer (autograd.grad w.r.t. layer outputs only, never into base parameters)."""
+        inner layer (autograd.grad w.r.t. layer outputs only, never into base parameters).
+        `requests` (one per row of `edit`) are needed by the subject row modes."""
+        subject_mask = None
+        if self.rows in ("subject", "subject_last"):
+            if requests is None or len(requests) != len(edit):
+                raise MetaEditError(f"{self.method} rows={self.rows!r} needs one edit request per row of the edit batch")
+            if self.formatter is None:
+                raise MetaEditError(f"{self.method} rows={self.rows!r} needs the tokenizer; load the editor with one")
+            subject_mask = subject_row_mask(self.formatter, edit, requests, last_only=self.rows == "subject_last")
+            subject_mask = subject_mask.reshape(-1).to(edit.input_ids.device)
         modules = {p.module_name: self.model.get_submodule(p.module_name) for p in self.inner_params}
         with torch.enable_grad(), capture_layer_io(modules) as io:
             logits = forward_logits(self.model, edit)
@@ -81,6 +120,10 @@ class MENDEditor(Editor):
             keep = (u != 0).any(-1) & (d != 0).any(-1)  # padding rows contribute nothing
             if self.rows == "target" and p.side == "output" and target_mask.numel() == keep.numel():
                 keep &= target_mask.to(keep.device)
+            elif subject_mask is not None and (p.side == "input" or edit.decoder_input_ids is None):
+                # The prompt is read on the input stream (causal LMs: their only stream); a seq2seq
+                # decoder sees only the target, so its layers keep every row.
+                keep &= subject_mask
             rows.append((u[keep].float(), d[keep].float()))
         return rows
 
@@ -101,7 +144,7 @@ class MENDEditor(Editor):
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
         new_params: dict[str, Tensor] = {}
-        for i, (p, (u_t, d_t)) in enumerate(zip(self.inner_params, self.transform(self.capture(edit)))):
+        for i, (p, (u_t, d_t)) in enumerate(zip(self.inner_params, self.transform(self.capture(edit, requests)))):
             w = self.model.get_parameter(p.name)
             # W − η Σ_t δ̃_t ũ_tᵀ as one fused addmm; η scales the n × d_out rows, not the full product.
             step, u_t = (d_t * -self.edit_lrs[i]).to(w.dtype), u_t.to(w.dtype)
