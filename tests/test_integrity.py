@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from metaedit.data.datamodule import FileEditData
 from metaedit.data.integrity import assign_splits, subject_groups
 from metaedit.models.loading import CONFIG_DIR
+from metaedit.types import MetaEditError
 
 SPLITS = ("train", "val", "test")
 
@@ -120,3 +121,23 @@ def test_one_file_is_split_by_subject_without_leaks(tmp_path, caplog):
     kept = sum(len(v) for v in a.values())
     assert 0 < len(records) - kept < 20  # the comparisons naming a held-out person, and only those
     assert f"dropped {len(records) - kept} of" in caplog.text
+
+
+def test_eval_relations_scores_exactly_the_held_out_relations(tmp_path):
+    """An editor trained with heldout_relations is scored on exactly those (evaluate.py
+    data.eval_relations=[...]); training records stay as they are; a relation a split lacks is refused."""
+    held = "data.heldout_relations=[capital,currency]"
+
+    def data(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=["data=worldfacts", "model=tiny-gpt2", f"paths.root_dir={tmp_path}", *overrides])
+        return instantiate(cfg.data, formatter=None, _recursive_=False)
+
+    plain, picked = data(held), data(held, "data.eval_relations=[capital,currency]")
+    assert picked.records("train") == plain.records("train")
+    assert picked.records("test") == [r for r in plain.records("test") if r["relation"] in ("capital", "currency")]
+    assert {r["relation"] for r in picked.records("test")} == {"capital", "currency"}
+    with pytest.raises(MetaEditError, match=r"val has no record of relation\(s\) \['capital', 'currency'\]"):
+        picked.records("val")  # held out: no val record of it
+    with pytest.raises(MetaEditError, match="no record of relation"):
+        data("data.eval_relations=[capitol]").records("test")

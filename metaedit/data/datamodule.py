@@ -120,6 +120,8 @@ class EditDataModule(pl.LightningDataModule):
         n_edits: edits applied together in one training batch.
         eval_n_edits: edits applied together in one validation/test batch.
         rephrases_per_edit, loc_per_edit: sampled per edit in training.
+        eval_relations: keep only val/test records of these relations (empty: all), e.g. to score an
+            editor trained with `heldout_relations` on exactly those; training records are untouched.
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class EditDataModule(pl.LightningDataModule):
         loc_per_edit: int = 2,
         num_workers: int = 0,
         seed: int = 0,
+        eval_relations: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if n_edits < 1 or eval_n_edits < 1:
@@ -141,6 +144,7 @@ class EditDataModule(pl.LightningDataModule):
         self.n_edits, self.eval_n_edits = n_edits, eval_n_edits
         self.rephrases_per_edit, self.loc_per_edit = rephrases_per_edit, loc_per_edit
         self.num_workers, self.seed = num_workers, seed
+        self.eval_relations = [str(r) for r in eval_relations or ()]
         self._records: dict[str, list[dict[str, Any]]] = {}
 
     def prepare_data(self) -> None:
@@ -151,8 +155,23 @@ class EditDataModule(pl.LightningDataModule):
             raise MetaEditError(f"unknown split {split!r}; valid: {list(SPLITS)}")
         if split not in self._records:
             self.prepare_data()
-            self._records[split] = self.read_split(split)
+            records = self.read_split(split)
+            if self.eval_relations and split != "train":
+                records = self._of_relations(records, split)
+            self._records[split] = records
         return self._records[split]
+
+    def _of_relations(self, records: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+        wanted = set(self.eval_relations)
+        present = {r.get("relation") for r in records}
+        missing = sorted(wanted - present)
+        if missing:
+            raise MetaEditError(f"data.eval_relations: {self.name}:{split} has no record of relation(s) {missing}; "
+                                f"its relations: {sorted(x for x in present if x)}")
+        kept = [r for r in records if r.get("relation") in wanted]
+        log.info("%s:%s: %d of %d records are of eval_relations %s", self.name, split, len(kept), len(records),
+                 self.eval_relations)
+        return kept
 
     def read_split(self, split: str) -> list[dict[str, Any]]:
         """One split's records, validated (subclasses reading published formats convert here)."""
