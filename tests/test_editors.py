@@ -236,3 +236,34 @@ def test_mend_step_sizes_get_their_own_learning_rate_and_are_logged(make_editor,
     logged = {k[len("train/state/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/state/")}
     assert logged["edit_lr_max"] == pytest.approx(float(ed.edit_lrs.max()), rel=1e-6)
     assert {f"edit_lr/{p.module_name}" for p in ed.inner_params} < logged.keys()
+
+
+def test_smollm2_mend_recipe_resolves_on_a_shallow_llama(tiny):
+    """The SmolLM2 recipe (configs/tuning/mend_smollm2-135m.yaml) names its blocks by relative depth:
+    on SmolLM2's 30 blocks they are 3-7, and the same config builds a working editor on the 4-block
+    tiny-llama (one block), reading one (u, δ) row per edit at the subject's last token."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from metaedit.editors.io import build_editor
+    from metaedit.models.inner_params import resolve_inner_params
+    from metaedit.models.loading import CONFIG_DIR
+    from metaedit.types import EditRequest
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["method=mend", "model=smollm2-135m"])
+    spec = OmegaConf.to_container(cfg.model.inner_params)
+    smol_shape = AutoConfig.for_model("llama", num_hidden_layers=30, hidden_size=32, intermediate_size=48,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    assert [p.name for p in resolve_inner_params(AutoModelForCausalLM.from_config(smol_shape), spec)] == [
+        f"model.layers.{i}.mlp.down_proj.weight" for i in range(3, 8)]
+    model, tok, model_cfg = tiny("tiny-llama")
+    inner = resolve_inner_params(model, spec)
+    assert [p.name for p in inner] == ["model.layers.1.mlp.down_proj.weight"]
+    hparams = OmegaConf.to_container(cfg.method.editor)
+    ed = build_editor("mend", model, model_cfg, hparams, tokenizer=tok, inner_params=inner)
+    assert ed.rows == "subject_last"
+    reqs = [EditRequest(p, t, s) for (p, t), s in zip(requests(2), TEST_SUBJECTS)]
+    rows = ed.capture(ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs]), reqs)
+    assert [u.shape[0] for u, _ in rows] == [2]
