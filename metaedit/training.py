@@ -69,6 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     is_rank_zero = True
     budget: TimeBudget | None = None
+    resumed_after = 0.0  # training seconds of the earlier process(es) of a resumed run
     if editor.trainable():
         system = EditorSystem(editor, **_plain(cfg.method.loss), **_plain(cfg.method.optim), prefix_cache=cfg.prefix_cache)
         callbacks = [
@@ -99,6 +100,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt = str(last) if cfg.resume and last.is_file() else None
         if ckpt:
             log.info("resuming from %s", ckpt)
+            # Training time is the run's, not this process's: add what the earlier process(es) spent.
+            earlier = run_dir / "train_info.json"
+            if earlier.is_file():
+                resumed_after = float(json.loads(earlier.read_text()).get("train_seconds", 0.0))
         # weights_only: resuming never unpickles (WeightsOnlyCheckpointIO enforces it on every strategy).
         trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)
         # The final state is a resume point too (e.g. to continue with a larger max_steps), so it keeps
@@ -118,7 +123,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     train_seconds = round(time.perf_counter() - t_start, 1)
     if is_rank_zero:
-        info: dict[str, Any] = {"train_seconds": train_seconds, "steps": int(system.global_step) if editor.trainable() else 0}
+        info: dict[str, Any] = {"train_seconds": round(train_seconds + resumed_after, 1),
+                                "steps": int(system.global_step) if editor.trainable() else 0}
+        if resumed_after:
+            info["resumed_after_seconds"] = resumed_after
         if editor.trainable():
             info["max_steps"] = int(cfg.trainer.max_steps)
             best_val = run_dir / "best" / "val_metrics.json"

@@ -130,3 +130,20 @@ def test_training_logs_progress_lines_without_a_bar_when_not_a_terminal(tmp_path
     assert re.search(r"validation at step 3 \(\S+\): .*val/edit_acc [\d.]+ .*val/loss [\d.]+", out)
     assert "Epoch 0" not in out  # no bar drawn into the pipe
     assert "precision auto" not in out  # an explicit precision is used as given
+
+
+def test_continued_training_adds_the_earlier_training_time(tmp_path):
+    """A run continued from its last.ckpt with a larger max_steps reports the whole run's training
+    time (earlier process + this one) in train_info.json, and says how much came before."""
+    base = ["train.py", "method=mend", "model=tiny-gpt2", "data=synthetic", "evaluate_after=false", "logger=none",
+            "trainer.val_check_interval=1000", "trainer.enable_progress_bar=false"]
+    info_path = tmp_path / "checkpoints" / "mend-tiny-gpt2-synthetic" / "train_info.json"
+    res = run_cli([*base, "trainer.max_steps=2"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first = json.loads(info_path.read_text())
+    assert first["steps"] == 2 and "resumed_after_seconds" not in first
+    res = run_cli([*base, "trainer.max_steps=4"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    second = json.loads(info_path.read_text())
+    assert second["steps"] == 4 and second["resumed_after_seconds"] == first["train_seconds"]
+    assert second["train_seconds"] > first["train_seconds"]
