@@ -47,12 +47,10 @@ def subject_row_mask(formatter: Any, batch: Any, requests: Sequence[Any], last_o
     start shifts positions by what was cut; a subject cut off entirely is an error. A request without
     a subject marks its last prompt token (where the answer is read), logged once."""
     global _warned_no_subject
-    ids = batch.input_ids
-    mask = torch.zeros(ids.shape, dtype=torch.bool)
-    causal = batch.decoder_input_ids is None and formatter.family == "causal_lm"
+    mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
     for i, req in enumerate(requests):
         n_full = len(formatter.prompt_ids(req.prompt))
-        if causal:
+        if formatter.family == "causal_lm":
             # The first target's logits sit on the last prompt token (targets are shifted left).
             first = (batch.targets[i] != -100).nonzero()
             n_prompt = int(first[0]) + 1 if len(first) else int(batch.attention_mask[i].sum())

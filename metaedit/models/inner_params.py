@@ -113,8 +113,8 @@ def resolve_inner_params(model: nn.Module, spec: Sequence[Mapping[str, Any]] | N
 
 
 def _group_layers(group: Mapping[str, Any], g: int, n: int, container_name: str) -> list[int]:
-    """Block indices of a group: `layers` (indices, negative from the end) or `depth: [lo, hi]`,
-    the blocks whose relative position i/n lies in [lo, hi) (at least one): a recipe found on one
+    """Block indices of a group: `layers` (indices, negative from the end) or `depth: [lo, hi]`:
+    the blocks whose relative position i/n lies in the half-open range [lo, hi) (at least one): a recipe found on one
     model (e.g. the early-middle MLPs of a 30-block Llama) then resolves on a shallower one of the
     same family."""
     if ("layers" in group) == ("depth" in group):
