@@ -267,3 +267,24 @@ def test_smollm2_mend_recipe_resolves_on_a_shallow_llama(tiny):
     reqs = [EditRequest(p, t, s) for (p, t), s in zip(requests(2), TEST_SUBJECTS)]
     rows = ed.capture(ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs]), reqs)
     assert [u.shape[0] for u, _ in rows] == [2]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-t5"])
+def test_logits_at_selected_positions_match_the_full_forward(make_editor, name):
+    """ROME's value shift reads only target-token logits (the output projection skipped elsewhere):
+    they must equal the full forward's, with and without replaced parameters, gradients included."""
+    from metaedit.functional import logits_at
+
+    ed = make_editor("ft", name, steps=1)
+    batch = ed.formatter.batch(*zip(*requests(3)))
+    rows, cols = (batch.targets != -100).nonzero(as_tuple=True)
+    full = forward_logits(ed.model, batch)[rows, cols]
+    assert torch.allclose(logits_at(ed.model, batch, rows, cols), full, atol=1e-5)
+    p = ed.inner_params[0]
+    w = ed.model.get_parameter(p.name).detach().clone().requires_grad_(True)
+    got = logits_at(ed.model, batch, rows, cols, {p.name: w * 1.5})
+    want = forward_logits(ed.model, batch, {p.name: w * 1.5})[rows, cols]
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, full, atol=1e-3)
+    (g,) = torch.autograd.grad(got.logsumexp(-1).sum(), w)
+    (g_want,) = torch.autograd.grad(want.logsumexp(-1).sum(), w)
+    assert torch.allclose(g, g_want, atol=1e-5)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaedit.functional import forward_logits
+from metaedit.functional import logits_at
 from metaedit.hooks import captured, patched_outputs
 from metaedit.locate.keys import at_positions
 from metaedit.prefix import frozen_prefix, with_prefix
@@ -36,13 +36,12 @@ def _first_target_column(targets: Tensor) -> Tensor:
     return is_target.float().argmax(-1)
 
 
-def _row_nll(logits: Tensor, targets: Tensor) -> Tensor:
+def _row_nll(logp: Tensor, rows: Tensor, n_rows: int) -> Tensor:
     """Mean NLL of each row's target tokens, averaged over rows (every prompt counts equally,
-    whatever its target length)."""
-    mask = targets != -100
-    logp = F.log_softmax(logits.float(), -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    per_row = -(logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-    return per_row.mean()
+    whatever its target length). `logp` [n]: the target tokens' log-probabilities, `rows` their rows."""
+    per_row = torch.zeros(n_rows, device=logp.device).index_add_(0, rows, -logp)
+    count = torch.zeros(n_rows, device=logp.device).index_add_(0, rows, torch.ones_like(logp))
+    return (per_row / count.clamp_min(1)).mean()
 
 
 def optimise_delta(model: nn.Module, module: nn.Module, module_param: str, residual: nn.Module,
@@ -60,14 +59,21 @@ def optimise_delta(model: nn.Module, module: nn.Module, module_param: str, resid
     device = batch.input_ids.device
     rows = torch.arange(len(positions), device=device)
     pos = torch.as_tensor(positions, device=device)
-    kl_cols = _first_target_column(batch.targets[n_rw:]) if kl is not None else None
+    # The logits read: every target token of the rewrite rows, then each KL prompt's next token.
+    tgt_rows, tgt_cols = (batch.targets[:n_rw] != -100).nonzero(as_tuple=True)
+    tgt_ids = batch.targets[tgt_rows, tgt_cols]
+    read_rows, read_cols = tgt_rows, tgt_cols
+    if kl is not None:
+        kl_rows = torch.arange(n_rw, len(batch), device=device)
+        read_rows = torch.cat([tgt_rows, kl_rows])
+        read_cols = torch.cat([tgt_cols, _first_target_column(batch.targets[n_rw:])])
+    n_tgt = len(tgt_rows)
 
     with torch.no_grad():
         with captured(outputs={"h": residual}) as store:
-            logits0 = forward_logits(model, batch, params)
+            logits0 = logits_at(model, batch, read_rows, read_cols, params)
         ref = at_positions(store["h"], positions)[:n_rw].float().norm(dim=-1).mean()
-        log_p0 = F.log_softmax(logits0[n_rw:][torch.arange(len(batch) - n_rw), kl_cols].float(), -1) \
-            if kl is not None else None
+        log_p0 = F.log_softmax(logits0[n_tgt:].float(), -1) if kl is not None else None
         d_out = store["h"].shape[-1]
 
     delta = torch.zeros(d_out, device=device, dtype=torch.float32, requires_grad=True)
@@ -83,12 +89,13 @@ def optimise_delta(model: nn.Module, module: nn.Module, module_param: str, resid
     taken, last_nll = 0, float("nan")
     with torch.enable_grad(), patched_outputs({module: add_delta}):
         for _ in range(settings.steps):
-            logits = forward_logits(model, batch, params)
-            nll = _row_nll(logits[:n_rw], batch.targets[:n_rw])
+            logits = logits_at(model, batch, read_rows, read_cols, params)
+            logp = F.log_softmax(logits[:n_tgt].float(), -1).gather(-1, tgt_ids.unsqueeze(-1)).squeeze(-1)
+            nll = _row_nll(logp, tgt_rows, n_rw)
             last_nll = nll.item()
             loss = nll + settings.weight_decay * (delta.norm() / ref) ** 2
             if kl is not None:
-                log_p = F.log_softmax(logits[n_rw:][torch.arange(len(batch) - n_rw), kl_cols].float(), -1)
+                log_p = F.log_softmax(logits[n_tgt:].float(), -1)
                 loss = loss + settings.kl_factor * F.kl_div(log_p, log_p0, log_target=True, reduction="batchmean")
             if last_nll < settings.stop_nll:
                 break
