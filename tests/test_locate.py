@@ -123,7 +123,7 @@ def test_stats_cache_is_reused_and_refused_or_rebuilt_when_stale(tiny, tmp_path,
     first = second_moments(model, tok, [1], spec, tmp_path)
     again = second_moments(model, tok, [1], spec, tmp_path)
     assert len(calls) == 1 and torch.equal(first[1], again[1])
-    (manifest,) = (tmp_path / "stats").glob("*.json")
+    (manifest,) = (tmp_path / "stats").glob("model.*.json")
     assert "model.layers.1.mlp.down_proj" in manifest.name
     info = json.loads(manifest.read_text())
     assert info["n_tokens"] == 800 and info["fingerprint"] in ("sha256:" + manifest.name.split(".")[-3] + info[
@@ -143,6 +143,28 @@ def test_stats_cache_is_reused_and_refused_or_rebuilt_when_stale(tiny, tmp_path,
     other.eval()
     second_moments(other, tok, [1], spec, tmp_path)
     assert len(calls) == 3 and len(list((tmp_path / "stats").glob("*.safetensors"))) == 2
+
+
+def test_a_layer_asked_for_later_reuses_the_sampled_corpus(tiny, tmp_path, monkeypatch):
+    """Sampling the corpus is most of the one-off cost: it is kept, and a later layer reads it again."""
+    model, tok, _ = tiny("tiny-llama")
+    samples = []
+    real = stats.sample_corpus
+    monkeypatch.setattr(stats, "sample_corpus", lambda *a, **k: samples.append(1) or real(*a, **k))
+    spec = StatsSpec(n_tokens=600, seq_len=32)
+    second_moments(model, tok, [1], spec, tmp_path)
+    both = second_moments(model, tok, [1, 2], spec, tmp_path)
+    assert len(samples) == 1 and set(both) == {1, 2}
+    # Layer 2 computed from the kept corpus equals layer 2 computed from a fresh sample (same seed).
+    fresh = second_moments(model, tok, [2], spec, tmp_path / "fresh")
+    assert len(samples) == 2 and torch.allclose(both[2], fresh[2])
+    # A damaged corpus file is sampled again, not used.
+    (corpus,) = (tmp_path / "stats").glob("corpus.*.json")
+    corpus.write_text("{not json")
+    for f in (tmp_path / "stats").glob("model.layers.3*"):
+        f.unlink()
+    second_moments(model, tok, [3], spec, tmp_path)
+    assert len(samples) == 3
 
 
 def test_stats_from_a_text_corpus_with_the_token_count_checked(tiny, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -59,7 +60,7 @@ class StatsSpec:
     corpus: str | None = None  # a .txt file or a directory of .txt files; None: sampled from the base model
     n_tokens: int = 100_000
     seq_len: int = 128  # tokens per corpus chunk (and per sampled text)
-    batch_size: int = 16
+    batch_size: int = 64  # rows per generate / forward: sampling reads every weight per step, so wide batches amortise it
     seed: int = 0
     on_mismatch: str = "rebuild"  # or "refuse": a cache file that disagrees with the request raises
 
@@ -104,7 +105,8 @@ def corpus_digest(spec: StatsSpec) -> tuple[str, str]:
         desc = f"text files: {spec.corpus} ({len(files)} file(s))"
     else:
         h.update(json.dumps({"prompts": SAMPLING_PROMPTS, "seed": spec.seed, "n_tokens": spec.n_tokens,
-                             "seq_len": spec.seq_len, "sampling": "top_p=0.95,T=1"}).encode())
+                             "seq_len": spec.seq_len, "batch_size": spec.batch_size,
+                             "sampling": "top_p=0.95,T=1"}).encode())
         desc = f"sampled from the base model ({len(SAMPLING_PROMPTS)} prompt starts, seed {spec.seed})"
     return h.hexdigest()[:12], desc
 
@@ -246,6 +248,31 @@ def _problem(manifest_path: Path, expected: dict[str, Any]) -> str | None:
     return None
 
 
+def _cached_chunks(model: nn.Module, tokenizer: Any, spec: StatsSpec, cache_dir: Path, fp: str,
+                   digest: str) -> list[list[int]]:
+    """`corpus_chunks`, with a sampled corpus kept as token ids beside the statistics: sampling is
+    most of the one-off cost, and layers asked for later (another method's, another layer choice)
+    then cost one forward pass over it. A file corpus is re-read (cheap, and its digest is its content)."""
+    if spec.corpus is not None:
+        return corpus_chunks(model, tokenizer, spec)
+    path = cache_dir / "stats" / f"corpus.{fp.removeprefix('sha256:')[:16]}.{digest}.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") == fp and saved.get("corpus_digest") == digest:
+                log.info("stats corpus: reusing %d sampled chunks from %s", len(saved["chunks"]), path)
+                return [list(map(int, c)) for c in saved["chunks"]]
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            pass
+        log.warning("stats corpus cache %s is unreadable or stale: sampling again", path)
+    chunks = corpus_chunks(model, tokenizer, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"fingerprint": fp, "corpus_digest": digest, "chunks": chunks}))
+    os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+    return chunks
+
+
 def second_moments(model: nn.Module, tokenizer: Any, layers: Sequence[int], spec: StatsSpec,
                    cache_dir: str | Path) -> dict[int, Tensor]:
     """C = E[k kᵀ] (float32, [d_in, d_in], on the model's device) for each layer's MLP key, from the
@@ -284,7 +311,7 @@ def second_moments(model: nn.Module, tokenizer: Any, layers: Sequence[int], spec
             t0 = time.perf_counter()
             log.info("second moments of the MLP keys of layers %s: computing from %d tokens of %s",
                      missing, spec.n_tokens, desc)
-            chunks = corpus_chunks(model, tokenizer, spec)
+            chunks = _cached_chunks(model, tokenizer, spec, cache_dir, fp, digest)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             moments, n = accumulate_moments(model, chunks, missing, pad, spec.batch_size)
             if n < spec.n_tokens:
