@@ -28,7 +28,7 @@ from metaedit.types import MetaEditError
 log = logging.getLogger(__name__)
 ROOT = CONFIG_DIR.parent
 COLUMNS = ["es", "ps", "ns", "score", "edit_acc", "rephrase_acc", "loc_retain", "drawdown", "fluency", "edit_ms",
-           "fwd_bwd_ms", "edit_over_fwd_bwd", "train_min", "peak_mem_mb", "n_edits"]
+           "fwd_bwd_ms", "edit_over_fwd_bwd", "train_min", "stats_min", "peak_mem_mb", "n_edits"]
 
 
 def _method_hparams(method: str) -> dict[str, Any]:

@@ -65,6 +65,7 @@ def evaluate_editor(
             next_line = (done // every + 1) * every
     metrics = acc.summary()
     metrics["peak_mem_mb"] = peak_memory_mb(device)
+    metrics.update(editor.one_off_costs())
     report: dict[str, Any] = {
         "records_digest": digest(scored),
         "method": editor.method,

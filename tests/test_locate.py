@@ -198,6 +198,9 @@ def test_edit_changes_the_prediction_and_not_the_base(locate_editor, model_name,
         assert greedy(edited, tok, unrelated) == greedy(model, tok, unrelated)
     assert landed >= 2, f"{method} on {model_name}: only {landed}/3 edits changed the prediction"
     assert_unchanged(model, before)
+    # The statistics' one-off cost is reported (evaluation puts it beside edit_ms).
+    costs = ed.one_off_costs()
+    assert costs["stats_tokens"] == SMALL_STATS["n_tokens"] and costs["stats_min"] >= 0
 
 
 def test_rome_batch_and_gpt2_conv1d_orientation(locate_editor):

@@ -117,6 +117,11 @@ class Editor(nn.Module, ABC):
         need different step sizes (SERAC's pretrained counterfactual model) overrides this."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
+    def one_off_costs(self) -> dict[str, float]:
+        """What this editor paid once per base model outside any edit (e.g. ROME's key statistics),
+        by metric name (minutes as `*_min`); evaluation reports it beside edit_ms. Default: none."""
+        return {}
+
     def state_to_log(self) -> dict[str, Tensor | float]:
         """Scalars of the editor's own training state worth watching (learned step sizes, a Lagrange
         multiplier), by name; the trainer logs each after every optimizer step as

@@ -29,7 +29,7 @@ from metaedit.editors.base import Editor
 from metaedit.functional import EditedModel
 from metaedit.locate import arch
 from metaedit.locate.keys import Row, batch_rows, group_mean, read_at, request_rows, sample_contexts
-from metaedit.locate.stats import StatsSpec, second_moments
+from metaedit.locate.stats import StatsSpec, recorded_costs, second_moments
 from metaedit.locate.values import DeltaSettings, optimise_delta
 from metaedit.models.inner_params import InnerParam
 from metaedit.paths import default_cache_dir
@@ -125,6 +125,17 @@ class LocateEditor(Editor):
             cache = Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
             self._moments.update(second_moments(self.model, self.tokenizer, missing, self.stats, cache))
         return self._moments[layer]
+
+    def one_off_costs(self) -> dict[str, float]:
+        """The key statistics' one-off cost as recorded when they were computed: minutes of the
+        pass that made them (the slowest of this editor's layers; it includes sampling the corpus when
+        that pass sampled it) and the number of tokens averaged."""
+        cache = Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
+        made = recorded_costs(self.model, self.layers, self.stats, cache)
+        if not made:
+            return {}
+        return {"stats_min": round(max(m.get("seconds", 0.0) for m in made) / 60, 2),
+                "stats_tokens": float(min(m.get("n_tokens", 0) for m in made))}
 
     def weight(self, param: InnerParam, params: dict[str, Tensor]) -> Tensor:
         """The current W [d_out, d_in] (the running edit's tensor if it has one)."""

@@ -332,5 +332,18 @@ def second_moments(model: nn.Module, tokenizer: Any, layers: Sequence[int], spec
     return out
 
 
+def recorded_costs(model: nn.Module, layers: Sequence[int], spec: StatsSpec, cache_dir: str | Path) -> list[dict[str, Any]]:
+    """The manifests of the cached statistics of `layers` (those that exist): what computing them cost."""
+    fp = fingerprint(model)
+    digest, _ = corpus_digest(spec)
+    lay = layout_of(model)
+    out = []
+    for ell in layers:
+        _, manifest = _paths(Path(cache_dir), f"{lay.blocks}.{ell}.{lay.out_proj}", fp, digest)
+        if manifest.is_file():
+            out.append(json.loads(manifest.read_text()))
+    return out
+
+
 def _key_width(model: nn.Module, layer: int) -> int:
     return out_proj_params(model, [layer])[0].d_in
