@@ -51,6 +51,14 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls natively (where bf16 autocast is a speed-up, not a loss)."""
+    kind = device.type
+    cuda_bf16 = kind == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    precision, _ = select_precision("auto", kind, cuda_bf16, cpu_flags() if kind == "cpu" else ())
+    return precision == "bf16-mixed"
+
+
 def resolve_precision(requested: str | int | None, accelerator: str) -> str | int | None:
     """The precision to give the Trainer; logs the choice (and why) when `requested` is "auto"."""
     if requested != "auto":

@@ -182,7 +182,8 @@ def test_stats_from_a_text_corpus_with_the_token_count_checked(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-llama"])
-@pytest.mark.parametrize("method,hparams", [("rome", {}), ("memit", {"mom2_update_weight": 10.0})])
+@pytest.mark.parametrize("method,hparams", [("rome", {"v_precision": "fp32"}), ("rome", {"v_precision": "bf16"}),
+                                           ("memit", {"mom2_update_weight": 10.0})])
 def test_edit_changes_the_prediction_and_not_the_base(locate_editor, model_name, method, hparams):
     ed = locate_editor(method, model_name, **hparams)
     model, tok = ed.model, ed.tokenizer
@@ -261,3 +262,8 @@ def test_alphaedit_accumulates_keys_over_a_sequence_only(locate_editor):
     single = ed.apply_edits(None, [reqs[0]]).params[p.name]
     delta = arch.weight_out_in(single.double() - ed.model.get_parameter(p.name).double(), p)
     assert (delta @ k0).norm() < 1e-6 * delta.norm().clamp_min(1e-12) + 1e-8
+
+
+def test_bad_value_shift_precision_is_refused(locate_editor):
+    with pytest.raises(MetaEditError, match="v_precision"):
+        locate_editor("rome", v_precision="fp16")

@@ -64,6 +64,7 @@ class LocateEditor(Editor):
         kl_factor: float = 0.0625,
         v_weight_decay: float = 0.05,
         clamp_norm_factor: float = 1.0,
+        v_precision: str = "auto",
         n_contexts: int | None = 10,
         context_tokens: int = 10,
         seed: int = 0,
@@ -82,12 +83,14 @@ class LocateEditor(Editor):
             raise MetaEditError(f"fact_token must be 'subject_last' or 'last', got {fact_token!r}")
         if subject_fallback not in ("last_token", "error"):
             raise MetaEditError(f"subject_fallback must be 'last_token' or 'error', got {subject_fallback!r}")
+        if v_precision not in ("auto", "fp32", "bf16"):
+            raise MetaEditError(f"v_precision must be 'auto', 'fp32' or 'bf16', got {v_precision!r}")
         if v_steps < 0 or v_lr <= 0 or n_contexts < 0 or context_tokens < 1 or c_ridge < 0:
             raise MetaEditError(f"{self.method}: need v_steps >= 0, v_lr > 0, n_contexts >= 0, context_tokens >= 1, "
                                 f"c_ridge >= 0")
         self.layers = resolved
         self.delta_settings = DeltaSettings(steps=v_steps, lr=v_lr, kl_factor=kl_factor, weight_decay=v_weight_decay,
-                                            clamp_norm_factor=clamp_norm_factor)
+                                            clamp_norm_factor=clamp_norm_factor, precision=v_precision)
         self.n_contexts, self.context_tokens, self.seed = n_contexts, context_tokens, seed
         self.c_ridge, self.subject_fallback, self.fact_token = c_ridge, subject_fallback, fact_token
         self.stats = StatsSpec.coerce(stats)
@@ -97,7 +100,7 @@ class LocateEditor(Editor):
     def _common_hparams(self) -> dict[str, Any]:
         s = self.delta_settings
         return {"layers": list(self.layers), "v_steps": s.steps, "v_lr": s.lr, "kl_factor": s.kl_factor,
-                "v_weight_decay": s.weight_decay, "clamp_norm_factor": s.clamp_norm_factor,
+                "v_weight_decay": s.weight_decay, "clamp_norm_factor": s.clamp_norm_factor, "v_precision": s.precision,
                 "n_contexts": self.n_contexts, "context_tokens": self.context_tokens, "seed": self.seed,
                 "c_ridge": self.c_ridge, "subject_fallback": self.subject_fallback,
                 "fact_token": self.fact_token, "stats": self.stats.to_dict()}

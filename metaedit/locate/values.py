@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from metaedit.functional import logits_at
 from metaedit.hooks import captured, patched_outputs
 from metaedit.locate.keys import at_positions
+from metaedit.precision import native_bf16
 from metaedit.prefix import frozen_prefix, with_prefix
 from metaedit.types import LMBatch
 
@@ -28,6 +29,7 @@ class DeltaSettings:
     weight_decay: float = 0.05  # weight of (‖δ‖ / ‖h‖)², h the residual stream at the subject token
     clamp_norm_factor: float = 1.0  # ‖δ‖ ≤ clamp_norm_factor · ‖h‖
     stop_nll: float = 0.05  # stop once the new object's mean token NLL is below this
+    precision: str = "auto"  # forward/backward of the steps: "fp32", "bf16" (autocast), "auto": bf16 where native
 
 
 def _first_target_column(targets: Tensor) -> Tensor:
@@ -86,8 +88,12 @@ def optimise_delta(model: nn.Module, module: nn.Module, module_param: str, resid
         mask[rows, pos] = 1
         return y + mask.unsqueeze(-1) * delta.to(y.dtype)
 
+    # bf16 autocast where the hardware has it: the steps are most of an edit's time, δ itself and the
+    # losses stay float32 (on a CPU with AVX512-BF16 a step's matmuls run ~2.4x faster).
+    bf16 = settings.precision == "bf16" or (settings.precision == "auto" and native_bf16(device))
     taken, last_nll = 0, float("nan")
-    with torch.enable_grad(), patched_outputs({module: add_delta}):
+    with torch.enable_grad(), patched_outputs({module: add_delta}), \
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for _ in range(settings.steps):
             logits = logits_at(model, batch, read_rows, read_cols, params)
             logp = F.log_softmax(logits[:n_tgt].float(), -1).gather(-1, tgt_ids.unsqueeze(-1)).squeeze(-1)
