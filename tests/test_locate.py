@@ -78,6 +78,16 @@ def test_rome_update_writes_v_and_spares_c_orthogonal_keys():
     assert abs(float(other @ u)) < 1e-10
     assert torch.allclose((w + delta) @ other, w @ other, atol=1e-10)
     assert torch.linalg.matrix_rank(delta) == 1
+    # Two keys of one fact (ROME's context-averaged key and the bare prompt's): both written exactly,
+    # a key C⁻¹-orthogonal to both untouched, and the smallest such change in the C⁻¹ norm.
+    k2 = torch.stack([k, torch.randn(d_in, generator=g, dtype=torch.float64)], 1)
+    v2 = torch.randn(d_out, 2, generator=g, dtype=torch.float64)
+    delta2 = rome_delta(w, k2, v2, c)
+    assert torch.allclose((w + delta2) @ k2, v2, atol=1e-10) and torch.linalg.matrix_rank(delta2) == 2
+    u2 = torch.linalg.solve(c, k2)
+    spare = torch.randn(d_in, generator=g, dtype=torch.float64)
+    spare = spare - u2 @ torch.linalg.lstsq(u2, spare).solution
+    assert torch.allclose((w + delta2) @ spare, w @ spare, atol=1e-9)
 
 
 def test_alphaedit_update_leaves_preserved_keys_alone():
@@ -105,7 +115,8 @@ def test_memit_one_edit_one_layer_is_romes_closed_form(locate_editor):
     rome = locate_editor("rome", layers=[1])
     memit = locate_editor("memit", layers=[1], mom2_update_weight=3.0, clamp_norm_factor=rome.delta_settings.clamp_norm_factor)
     req = one_token_requests(rome.tokenizer, 1)[0]
-    k, v, d_rome = rome.rank_one(req, {})
+    keys, _, d_rome = rome.rank_one(req, {})
+    k = keys[:, 0]
     p = rome.inner_params[0]
     d_memit = arch.weight_out_in(memit.apply_edits(None, [req]).params[p.name], p).double() - \
         arch.weight_out_in(rome.model.get_parameter(p.name), p).double()
@@ -215,6 +226,13 @@ def test_rome_batch_and_gpt2_conv1d_orientation(locate_editor):
     new = ed.apply_edits(None, [req]).params[p.name]
     assert new.shape == ed.model.get_parameter(p.name).shape
     assert torch.allclose(new.double().T @ k.double(), v.double(), rtol=1e-4, atol=1e-4)
+    # With the bare prompt's key as a second column both keys get their values (rank two).
+    ed2 = locate_editor("rome", layers=[1], fact_token="subject_last", prompt_key=True, n_contexts=3)
+    req2 = EditRequest("Fasklorul is the capital of", req.target, "Fasklorul")
+    k2, v2, d2 = ed2.rank_one(req2, {})
+    assert k2.shape[1] == 2 and torch.linalg.matrix_rank(d2.double()) == 2
+    new2 = ed2.apply_edits(None, [req2]).params[p.name]
+    assert torch.allclose(new2.double().T @ k2.double(), v2.double(), rtol=1e-4, atol=1e-4)
     two = ed.apply_edits(None, one_token_requests(ed.tokenizer, 2))
     assert not torch.equal(two.params[p.name], new)
 

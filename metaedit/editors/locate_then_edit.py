@@ -51,7 +51,8 @@ class LocateEditor(Editor):
 
     # hparam -> dotted key of the model config it defaults to (filled by build_editor when unset).
     hparams_from_model: ClassVar[dict[str, str]] = {"fact_token": "locate.fact_token",
-                                                     "n_contexts": "locate.n_contexts"}
+                                                     "n_contexts": "locate.n_contexts",
+                                                     "prompt_key": "locate.prompt_key"}
     default_n_layers: ClassVar[int] = 1
 
     def __init__(
@@ -72,6 +73,7 @@ class LocateEditor(Editor):
         subject_fallback: str = "last_token",
         fact_token: str | None = "subject_last",
         stats: StatsSpec | dict[str, Any] | None = None,
+        prompt_key: bool | None = False,
     ) -> None:
         # None (a method config deferring to a model config that has no value): the defaults.
         n_contexts = 10 if n_contexts is None else n_contexts
@@ -93,6 +95,7 @@ class LocateEditor(Editor):
                                             clamp_norm_factor=clamp_norm_factor, precision=v_precision)
         self.n_contexts, self.context_tokens, self.seed = n_contexts, context_tokens, seed
         self.c_ridge, self.subject_fallback, self.fact_token = c_ridge, subject_fallback, fact_token
+        self.prompt_key = bool(prompt_key)
         self.stats = StatsSpec.coerce(stats)
         self._contexts: list[str] | None = None
         self._moments: dict[int, Tensor] = {}
@@ -103,7 +106,7 @@ class LocateEditor(Editor):
                 "v_weight_decay": s.weight_decay, "clamp_norm_factor": s.clamp_norm_factor, "v_precision": s.precision,
                 "n_contexts": self.n_contexts, "context_tokens": self.context_tokens, "seed": self.seed,
                 "c_ridge": self.c_ridge, "subject_fallback": self.subject_fallback,
-                "fact_token": self.fact_token, "stats": self.stats.to_dict()}
+                "fact_token": self.fact_token, "prompt_key": self.prompt_key, "stats": self.stats.to_dict()}
 
     def hparams(self) -> dict[str, Any]:
         return self._common_hparams()
@@ -153,15 +156,28 @@ class LocateEditor(Editor):
 
     def read(self, requests: Sequence[EditRequest], params: dict[str, Tensor], key_layers: Sequence[int] = (),
              out_layer: int | None = None) -> tuple[dict[int, Tensor], Tensor | None]:
-        """Keys k [d_in, n] of `key_layers` and the residual stream h [d, n] after block `out_layer`,
-        at each request's subject token, averaged over the contexts, under the edit `params`."""
+        """Keys k [d_in, m] of `key_layers` and the residual stream h [d, m] after block `out_layer`,
+        at each request's subject token, under the edit `params`: one column per request averaged
+        over the contexts, then (`prompt_key`) one per request read in the bare prompt alone."""
         rows = self.rows(requests)
         batch = batch_rows(self.formatter, rows, [q.target for q in requests for _ in self.contexts()], self.device)
         inputs = {str(ell): arch.out_proj(self.model, ell) for ell in key_layers}
         outputs = {"h": arch.blocks_of(self.model)[out_layer]} if out_layer is not None else None
         got = read_at(self.model, batch, [r.position for r in rows], params, inputs=inputs, outputs=outputs)
-        keys = {ell: group_mean(got[str(ell)], len(requests)) for ell in key_layers}
-        return keys, (group_mean(got["h"], len(requests)) if out_layer is not None else None)
+
+        def columns(x: Tensor) -> Tensor:
+            mean = group_mean(x, len(requests))
+            if not self.prompt_key or len(self.contexts()) == 1:  # no contexts: the mean is the prompt's key
+                return mean
+            bare = x.reshape(len(requests), -1, x.shape[-1])[:, 0].T  # context 0 is "" (the prompt alone)
+            return torch.cat([mean, bare], 1)
+
+        keys = {ell: columns(got[str(ell)]) for ell in key_layers}
+        return keys, (columns(got["h"]) if out_layer is not None else None)
+
+    def per_key(self, deltas: Tensor) -> Tensor:
+        """Value shifts [d, n] (one per request) repeated for each key column `read` returns."""
+        return torch.cat([deltas, deltas], 1) if self.prompt_key and len(self.contexts()) > 1 else deltas
 
     def delta(self, request: EditRequest, layer: int, params: dict[str, Tensor]) -> Tensor:
         """δ [d] added to the output of `layer`'s MLP at the subject token (in every context) that
@@ -196,7 +212,7 @@ class LocateEditor(Editor):
         last = self.layers[-1]
         _, h0 = self.read(requests, {}, out_layer=last)
         assert h0 is not None
-        z = h0 + torch.stack([self.delta(q, last, {}) for q in requests], dim=1)
+        z = h0 + self.per_key(torch.stack([self.delta(q, last, {}) for q in requests], dim=1))
         params: dict[str, Tensor] = {}
         used: dict[int, Tensor] = {}
         for j, ell in enumerate(self.layers):

@@ -23,10 +23,17 @@ def rome_delta(w: Tensor, k: Tensor, v: Tensor, c: Tensor) -> Tensor:
     The rank-one update that makes W' k = v exactly while changing W k' least for keys k' drawn
     from C: any key with k'ᵀC⁻¹k = 0 keeps its value. Shapes: w [d_out, d_in], k [d_in], v [d_out],
     c [d_in, d_in] (already regularised if wanted).
+
+    Several keys of one fact (k [d_in, m], v [d_out, m]): the same constrained least squares,
+    ΔW = (V − W K)(Kᵀ C⁻¹ K)⁻¹ (C⁻¹K)ᵀ — the smallest change in the C⁻¹ norm with W' K = V exactly
+    (rank m; m = 1 is the formula above).
     """
+    if k.dim() == 1:
+        return rome_delta(w, k[:, None], v[:, None], c)
     w64, k64, v64 = w.to(torch.float64), k.to(torch.float64), v.to(torch.float64)
-    u = torch.linalg.solve(c.to(torch.float64), k64)  # C⁻¹k
-    return torch.outer(v64 - w64 @ k64, u) / (u @ k64)
+    u = torch.linalg.solve(c.to(torch.float64), k64)  # C⁻¹K [d_in, m]
+    # pinv: two keys that (nearly) coincide ask for the same change once, not for a singular solve.
+    return (v64 - w64 @ k64) @ torch.linalg.pinv(k64.T @ u, hermitian=True) @ u.T
 
 
 def memit_delta(r: Tensor, k: Tensor, c: Tensor, lam: float) -> Tensor:

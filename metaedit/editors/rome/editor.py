@@ -22,6 +22,10 @@ class ROMEEditor(LocateEditor):
 
     k*: the MLP key at the subject's last token, averaged over the prompt behind short sampled
     contexts; v* = W k* + δ with δ the optimised shift of the MLP output there (metaedit/locate/values).
+    `prompt_key`: the prompt read alone can put the subject on another token than every context does
+    (SmolLM2 has no BOS token: "Mexico" opening a prompt is one token, " Mexico" after a context
+    another), so its key differs from the context average and a rank-one update at k* misses it;
+    then the bare prompt's key is a second column, written exactly too (rank two, `rome_delta`).
     Several requests in one call are applied one after another, each on the model as edited by the
     previous ones (ROME is a single-fact method). Without a subject the last prompt token is used
     (`subject_fallback: last_token`, with the KL term skipped) or the request is refused (`error`).
@@ -37,13 +41,14 @@ class ROMEEditor(LocateEditor):
             raise MetaEditError(f"rome edits one layer; got layers={self.layers} (use memit for several)")
 
     def rank_one(self, request: EditRequest, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(k*, v*, ΔW [d_out, d_in]) for one request on the model edited by `params`."""
+        """(K [d_in, m], V [d_out, m], ΔW [d_out, d_in]) for one request on the model edited by
+        `params`: m = 1 (k*, v*), or 2 with `prompt_key` (the bare prompt's own key written too)."""
         layer = self.layers[0]
         p = self.inner_params[0]
         keys, _ = self.read([request], params, key_layers=[layer])
-        k = keys[layer][:, 0]
+        k = keys[layer]
         w = self.weight(p, params).float()
-        v = w @ k + self.delta(request, layer, params)
+        v = w @ k + self.per_key(self.delta(request, layer, params)[:, None])
         return k, v, rome_delta(w, k, v, regularised(self.moments(layer), self.c_ridge))
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
