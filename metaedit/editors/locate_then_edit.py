@@ -33,6 +33,7 @@ from metaedit.locate.stats import StatsSpec, recorded_costs, second_moments
 from metaedit.locate.values import DeltaSettings, optimise_delta
 from metaedit.models.inner_params import InnerParam
 from metaedit.paths import default_cache_dir
+from metaedit.progress import Progress
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,18 @@ class LocateEditor(Editor):
         return optimise_delta(self.model, arch.out_proj(self.model, layer), p.name, arch.blocks_of(self.model)[layer],
                               rewrite, [r.position for r in rows], kl, kl_pos, params, self.delta_settings)
 
+    def deltas(self, requests: Sequence[EditRequest], layer: int) -> list[Tensor]:
+        """`delta` of each request on the unedited model; a batch of more than a few logs its progress
+        (each value shift is some twenty forward+backward passes: a batch of 1000 takes a while)."""
+        progress = Progress(len(requests), unit="edit", noun="value shifts")
+        every = max(1, len(requests) // 10)
+        out = []
+        for i, q in enumerate(requests, start=1):
+            out.append(self.delta(q, layer, {}))
+            if len(requests) >= 10 and (i % every == 0 or i == len(requests)):
+                log.info("%s: %s", self.method, progress.line(i))
+        return out
+
     def param_of(self, layer: int) -> InnerParam:
         return self.inner_params[self.layers.index(layer)]
 
@@ -212,7 +225,7 @@ class LocateEditor(Editor):
         last = self.layers[-1]
         _, h0 = self.read(requests, {}, out_layer=last)
         assert h0 is not None
-        z = h0 + self.per_key(torch.stack([self.delta(q, last, {}) for q in requests], dim=1))
+        z = h0 + self.per_key(torch.stack(self.deltas(requests, last), dim=1))
         params: dict[str, Tensor] = {}
         used: dict[int, Tensor] = {}
         for j, ell in enumerate(self.layers):
