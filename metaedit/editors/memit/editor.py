@@ -24,13 +24,15 @@ class MEMITEditor(LocateEditor):
     """
 
     method = "memit"
-    hparams_from_model = {**LocateEditor.hparams_from_model, "layers": "locate.memit_layers"}
+    hparams_from_model = {**LocateEditor.hparams_from_model, "layers": "locate.memit_layers",
+                          "mom2_update_weight": "locate.mom2_update_weight"}
     default_n_layers = 5
 
     def __init__(self, model: PreTrainedModel, inner_params: Sequence[InnerParam],
-                 layers: Sequence[int] | None = None, mom2_update_weight: float = 15000.0,
+                 layers: Sequence[int] | None = None, mom2_update_weight: float | None = 15000.0,
                  clamp_norm_factor: float = 0.75, **kwargs: Any) -> None:
         super().__init__(model, inner_params, layers=layers, clamp_norm_factor=clamp_norm_factor, **kwargs)
+        mom2_update_weight = 15000.0 if mom2_update_weight is None else mom2_update_weight
         if mom2_update_weight <= 0:
             raise MetaEditError(f"memit: mom2_update_weight must be > 0, got {mom2_update_weight}")
         self.mom2_update_weight = mom2_update_weight
