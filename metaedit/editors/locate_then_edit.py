@@ -10,7 +10,11 @@ section (see `hparams_from_model`), else layers from the depth (about a third of
 `fact_token` is the token whose MLP key is edited: "subject_last" (ROME/MEMIT on pretrained LMs,
 where causal traces put recall at the subject's last token) or "last" (the prompt's last token: the
 tiny synthetic-world models move the subject to the last token in block 0 and recall there, as their
-causal trace shows). A request without a subject falls back to the last prompt token
+causal trace shows). `prompt_key` adds, per request, the key read in the bare prompt (no context) as a second column
+written with the same value shift: on a model without a BOS token a subject that opens the prompt is
+another token than after any context, so the context average alone misses the prompt itself.
+
+A request without a subject falls back to the last prompt token
 (`subject_fallback: last_token`, KL term skipped) or is refused (`subject_fallback: error`).
 """
 
