@@ -138,11 +138,13 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         if cfg.reuse and result.is_file() and _same_eval(json.loads(result.read_text()), cfg, records, editor_dir):
             log.info("reusing %s (reuse=true)", result)
         else:
-            log.info("evaluating %s on %s edits (log: %s)", name, cfg.limit, work / f"{name}-eval.log")
+            # One log per protocol too: runs of two protocols may be going at once.
+            eval_log = work / f"{name}-eval{tag}.log"
+            log.info("evaluating %s on %s edits (log: %s)", name, cfg.limit, eval_log)
             _run(["evaluate.py", f"editor={editor_dir}", *common, f"split={cfg.split}", f"limit={cfg.limit}",
                   f"fluency_tokens={cfg.fluency_tokens}", "time_reference=true", f"protocol={protocol.name}",
                   f"n={protocol.n}", f"batch={protocol.batch}", f"output={result}"],
-                 work / f"{name}-eval.log")
+                 eval_log)
         report = json.loads(result.read_text())
         m = report["metrics"]
         row.update({k: m[k] for k in COLUMNS if k in m})
@@ -176,6 +178,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     (out.with_suffix(".json")).write_text(json.dumps(result_doc, indent=1))
     (out.with_suffix(".md")).write_text(markdown_table(result_doc))
     plot(result_doc, out)
+    scaling_plot(Path(cfg.out), cfg.model.name, cfg.data.name)
     print(markdown_table(result_doc), flush=True)
     return result_doc
 
@@ -241,3 +244,69 @@ def plot(doc: dict[str, Any], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(f"{out}-{tag}.png", dpi=110)
         plt.close(fig)
+
+
+def scaling_points(docs: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float, float, int]]]:
+    """(method, "batch" | "sequential, B per step") -> [(edits per group N, es, ns, records)] sorted by N,
+    from benchmark documents of several protocols. A single-edit run is N = 1 of both kinds."""
+    series: dict[tuple[str, str], dict[int, tuple[float, float, int]]] = {}
+    single: dict[str, tuple[float, float, int]] = {}
+    for doc in docs:
+        protocol = doc.get("protocol", "single")
+        kind = "batch" if protocol == "batch" else f"sequential, {doc.get('batch', 1)} per step"
+        for r in doc["rows"]:
+            if r.get("status") != "ok" or r.get("es") is None or r.get("ns") is None:
+                continue
+            point = (float(r["es"]), float(r["ns"]), int(doc["limit"]))
+            if protocol == "single":
+                single[r["method"]] = point
+            else:
+                series.setdefault((r["method"], kind), {})[int(doc.get("n", 1))] = point
+    for (method, _), pts in series.items():
+        if method in single:
+            pts.setdefault(1, single[method])
+    return {key: sorted((n, *v) for n, v in pts.items()) for key, pts in series.items()}
+
+
+def scaling_plot(out: Path, model: str, data: str) -> Path | None:
+    """<out>-scaling.png: es and ns against the number of edits applied together or in sequence, one
+    line per (method, protocol), from every result document of this model and data next to `out`."""
+    docs = []
+    for path in sorted(out.parent.glob(f"{out.name}*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(doc, dict) and doc.get("model") == model and doc.get("data") == data and "rows" in doc:
+            docs.append(doc)
+    series = scaling_points(docs)
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    methods = sorted({m for m, _ in series})
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for (method, kind), pts in sorted(series.items()):
+        style = "-" if kind == "batch" else "--"
+        for ax, j in zip(axes, (1, 2)):
+            ax.plot([p[0] for p in pts], [p[j] for p in pts], style, marker="o", color=colors[method],
+                    label=f"{method} ({kind})")
+    for ax, name in zip(axes, ("es", "ns")):
+        ax.set_xscale("log")
+        ax.set_xlabel("edits applied (one batch: solid; a sequence: dashed)")
+        ax.set_ylabel(name)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    limits = sorted({d["limit"] for d in docs})
+    axes[0].set_title(f"{model} / {data}: efficacy", fontsize=9)
+    axes[1].set_title(f"neighbourhood (records per point: {', '.join(map(str, limits))})", fontsize=9)
+    axes[1].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    target = Path(f"{out}-scaling.png")
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target

@@ -91,3 +91,28 @@ def captured(inputs: Mapping[str, nn.Module] | None = None, outputs: Mapping[str
     finally:
         for h in handles:
             h.remove()
+
+
+class _Stopped(Exception):
+    """Raised by `forward_stops_after`'s hook; caught by the same context manager."""
+
+
+@contextmanager
+def forward_stops_after(module: nn.Module | None) -> Iterator[None]:
+    """A forward run inside ends as soon as `module` has produced its output (None: runs whole).
+    For reading activations of early blocks: the rest of the model, the output projection over
+    the vocabulary included, is not computed. What was captured up to there stays captured."""
+    if module is None:
+        yield
+        return
+
+    def stop(mod: nn.Module, args: Any, output: Any) -> None:
+        raise _Stopped
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    except _Stopped:
+        pass
+    finally:
+        handle.remove()

@@ -12,6 +12,7 @@ logits outside any sequence).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -19,7 +20,10 @@ import torch
 
 from metaedit.editors.base import Editor
 from metaedit.functional import EditedModel
+from metaedit.progress import Progress
 from metaedit.types import EditBatch, MetaEditError
+
+log = logging.getLogger(__name__)
 
 PROTOCOLS = ("single", "batch", "sequential")
 
@@ -78,12 +82,17 @@ def apply_protocol(editor: Editor, batch: EditBatch, protocol: Protocol) -> tupl
         return edited, (time.perf_counter() - t0) * 1000, 1
     times: list[float] = []
     last = [time.perf_counter()]
+    n_steps = -(-len(batch.requests) // protocol.batch)
+    progress = Progress(n_steps, unit="step", noun=f"sequential steps of {protocol.batch}")
+    every = max(1, n_steps // 20)  # a long sequence (1000 locate-then-edit edits: hours) says where it is
 
     def tick(k: int, current: EditedModel) -> None:
         _sync(device)
         now = time.perf_counter()
         times.append((now - last[0]) * 1000)
         last[0] = now
+        if n_steps >= 10 and ((k + 1) % every == 0 or k + 1 == n_steps):
+            log.info("%s: %s", editor.method, progress.line(k + 1))
 
     _sync(device)
     last[0] = time.perf_counter()

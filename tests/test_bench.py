@@ -63,3 +63,30 @@ def test_bench_evaluates_on_the_users_own_data(tmp_path):
     # Measured on these records: the evaluation process read the same first 3 test records.
     report = json.loads((tmp_path / "checkpoints" / "bench" / "tiny-gpt2-counterfact" / "base-eval.json").read_text())
     assert report["records_digest"] == digest(read_records(data / "test.json", "counterfact")[:3])
+
+
+def test_scaling_plot_joins_protocols_into_curves(tmp_path):
+    """es / ns against the number of edits: single runs are N = 1 of every curve, batch and
+    sequential runs are separate curves, other models' or data's results stay out."""
+    from metaedit.bench import scaling_plot, scaling_points
+
+    def doc(protocol: str, n: int, batch: int, rows: list[tuple[str, float, float]], data: str = "d") -> dict:
+        return {"model": "m", "data": data, "limit": 100, "protocol": protocol, "n": n, "batch": batch,
+                "rows": [{"method": name, "status": "ok", "es": es, "ns": ns} for name, es, ns in rows]
+                + [{"method": "enn", "status": "no trained checkpoint"}]}
+
+    docs = {"": doc("single", 1, 1, [("memit", 1.0, 0.85), ("rome", 1.0, 0.83)]),
+            "-batch100": doc("batch", 100, 1, [("memit", 0.99, 0.75)]),
+            "-batch10": doc("batch", 10, 1, [("memit", 1.0, 0.80)]),
+            "-seq100x10": doc("sequential", 100, 10, [("rome", 0.6, 0.5)])}
+    series = scaling_points(list(docs.values()))
+    assert series[("memit", "batch")] == [(1, 1.0, 0.85, 100), (10, 1.0, 0.80, 100), (100, 0.99, 0.75, 100)]
+    assert series[("rome", "sequential, 10 per step")] == [(1, 1.0, 0.83, 100), (100, 0.6, 0.5, 100)]
+    assert set(series) == {("memit", "batch"), ("rome", "sequential, 10 per step")}  # a method measured only singly makes no curve
+    out = tmp_path / "bench-m-d"
+    for tag, d in docs.items():
+        (tmp_path / f"bench-m-d{tag}.json").write_text(json.dumps(d))
+    (tmp_path / "bench-m-d_wide-batch100.json").write_text(json.dumps(doc("batch", 100, 1, [("x", 0, 0)], "d_wide")))
+    assert scaling_plot(out, "m", "d") == tmp_path / "bench-m-d-scaling.png"
+    assert (tmp_path / "bench-m-d-scaling.png").stat().st_size > 0
+    assert scaling_plot(tmp_path / "bench-m-other", "m", "other") is None

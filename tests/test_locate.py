@@ -11,6 +11,7 @@ import torch
 
 from metaedit.data.synthetic import build_world
 from metaedit.editors.io import build_editor
+from metaedit.editors.locate_then_edit import LocateEditor
 from metaedit.locate import arch, stats
 from metaedit.locate.solve import alphaedit_delta, null_space_projector, regularised, rome_delta
 from metaedit.locate.stats import StatsSpec, second_moments
@@ -178,6 +179,24 @@ def test_a_layer_asked_for_later_reuses_the_sampled_corpus(tiny, tmp_path, monke
     assert len(samples) == 3
 
 
+def test_stats_precision_bf16_is_its_own_cache_entry_close_to_fp32(tiny, tmp_path):
+    """stats.precision=bf16 samples and reads keys in bf16 autocast: another corpus digest (never
+    confused with fp32 statistics), a C close to the fp32 one on the same text; fp32 keeps the digest
+    and the saved spec statistics had before the field existed; a bad value is refused."""
+    model, tok, _ = tiny("tiny-llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"The capital of {s} is {WORLD.facts[(s, 'capital')]} ." for s in WORLD.subjects[:80]))
+    fp32 = second_moments(model, tok, [1], StatsSpec(corpus=str(corpus), n_tokens=400), tmp_path)[1]
+    bf16 = second_moments(model, tok, [1], StatsSpec(corpus=str(corpus), n_tokens=400, precision="bf16"), tmp_path)[1]
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 2
+    assert not torch.equal(fp32, bf16) and (bf16 - fp32).norm() < 0.05 * fp32.norm()
+    assert "precision" not in StatsSpec().to_dict() and StatsSpec(precision="auto").to_dict()["precision"] == "auto"
+    assert stats.corpus_digest(StatsSpec())[0] == "207cfc110ffc"  # the digest of every fp32 cache made so far
+    assert stats.corpus_digest(StatsSpec(), bf16=True)[0] != "207cfc110ffc"
+    with pytest.raises(MetaEditError, match="stats.precision"):
+        StatsSpec(precision="fp16")
+
+
 def test_stats_from_a_text_corpus_with_the_token_count_checked(tiny, tmp_path):
     model, tok, _ = tiny("tiny-gpt2")
     corpus = tmp_path / "corpus"
@@ -285,3 +304,60 @@ def test_alphaedit_accumulates_keys_over_a_sequence_only(locate_editor):
 def test_bad_value_shift_precision_is_refused(locate_editor):
     with pytest.raises(MetaEditError, match="v_precision"):
         locate_editor("rome", v_precision="fp16")
+
+
+def test_value_shifts_are_cached_on_the_unedited_model_only(tiny, tmp_path, monkeypatch):
+    """A batch's value shifts are written to the value cache and read back by any editor with the
+    same value settings (MEMIT then AlphaEdit on the same layers, or a batch resumed after a crash);
+    other settings get another scope, and a sequence (model already edited) neither reads nor writes."""
+    model, tok, cfg = tiny("tiny-gpt2")
+
+    def make(method: str, **hparams):
+        return build_editor(method, model, cfg, {"stats": SMALL_STATS, "v_steps": 3, "layers": [1, 2], **hparams},
+                            tokenizer=tok, cache_dir=tmp_path)
+
+    memit = make("memit")
+    reqs = one_token_requests(tok, 3)
+    fresh = [memit.delta(q, 2, {}) for q in reqs[:2]]
+    got = memit.deltas(reqs[:2], 2)
+    files = sorted((tmp_path / "values").rglob("*.safetensors"))
+    assert len(files) == 2 and all(torch.equal(a, b) for a, b in zip(got, fresh))
+    scopes = {make("memit", **h).value_cache(2).dir for h in ({}, {"v_lr": 0.1}, {"n_contexts": 2})}
+    assert len(scopes) == 3 and memit.value_cache(2).dir in scopes
+    with monkeypatch.context() as m:
+        m.setattr(LocateEditor, "delta", lambda *a, **k: pytest.fail("a cached value shift was optimised again"))
+        again = make("alphaedit").deltas(reqs[:2], 2)
+    assert all(torch.equal(a, b) for a, b in zip(again, fresh))
+    memit.edit_sequential(reqs[1:], batch_size=1)  # reqs[2] is new: computed on an edited model, not cached
+    assert sorted((tmp_path / "values").rglob("*.safetensors")) == files
+
+
+def test_processes_share_a_batch_through_value_claims(tmp_path):
+    """A request another live process has claimed is not optimised here but collected when its δ
+    appears; the claim of a process that died is taken over."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from metaedit.locate.value_cache import ValueCache
+
+    cache = ValueCache(tmp_path, {"layer": 1})
+    reqs = [EditRequest(f"The capital of {s} is", "Paris", s) for s in ("A", "B", "C")]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cache.dir.mkdir(parents=True)
+    (cache.dir / f"{cache.request_key(reqs[1])}.claim").write_text(str(os.getppid()))  # held by a live process
+    (cache.dir / f"{cache.request_key(reqs[2])}.claim").write_text(dead.stdout.strip())  # held by a dead one
+    computed = []
+
+    def compute(q: EditRequest) -> torch.Tensor:
+        computed.append(q.subject)
+        return torch.full((4,), float(len(computed)))
+
+    # The "other process" finishes B a moment later.
+    threading.Timer(0.3, lambda: cache.put(reqs[1], torch.full((4,), 7.0))).start()
+    got = cache.shared(reqs, compute, torch.device("cpu"), poll_s=0.1)
+    assert computed == ["A", "C"] and got[1].tolist() == [7.0] * 4
+    # This process's claims are released; the live process's own claim is left to it.
+    assert {p.name for p in cache.dir.glob("*.claim")} == {f"{cache.request_key(reqs[1])}.claim"}
+    assert all(cache.get(q, torch.device("cpu")) is not None for q in reqs)

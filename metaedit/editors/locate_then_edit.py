@@ -21,7 +21,9 @@ A request without a subject falls back to the last prompt token
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,9 +36,12 @@ from metaedit.functional import EditedModel
 from metaedit.locate import arch
 from metaedit.locate.keys import Row, batch_rows, group_mean, read_at, request_rows, sample_contexts
 from metaedit.locate.stats import StatsSpec, recorded_costs, second_moments
+from metaedit.locate.value_cache import ValueCache
 from metaedit.locate.values import DeltaSettings, optimise_delta
+from metaedit.models.fingerprint import fingerprint
 from metaedit.models.inner_params import InnerParam
 from metaedit.paths import default_cache_dir
+from metaedit.precision import native_bf16
 from metaedit.progress import Progress
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
@@ -104,6 +109,7 @@ class LocateEditor(Editor):
         self.stats = StatsSpec.coerce(stats)
         self._contexts: list[str] | None = None
         self._moments: dict[int, Tensor] = {}
+        self._in_sequence = False  # inside editing_from: the model is already edited
 
     def _common_hparams(self) -> dict[str, Any]:
         s = self.delta_settings
@@ -129,20 +135,32 @@ class LocateEditor(Editor):
             self._contexts = sample_contexts(self.model, self.tokenizer, self.n_contexts, self.context_tokens, self.seed)
         return self._contexts
 
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
+
+    @contextmanager
+    def editing_from(self, params: Mapping[str, Tensor]) -> Iterator[None]:
+        was = self._in_sequence
+        self._in_sequence = True
+        try:
+            with super().editing_from(params):
+                yield
+        finally:
+            self._in_sequence = was
+
     def moments(self, layer: int) -> Tensor:
         """C = E[k kᵀ] of the layer's MLP keys (float32), from the statistics cache."""
         if layer not in self._moments:
             missing = [ell for ell in self.layers if ell not in self._moments]
-            cache = Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
-            self._moments.update(second_moments(self.model, self.tokenizer, missing, self.stats, cache))
+            self._moments.update(second_moments(self.model, self.tokenizer, missing, self.stats, self.cache_root))
         return self._moments[layer]
 
     def one_off_costs(self) -> dict[str, float]:
         """The key statistics' one-off cost as recorded when they were computed: minutes of the
         pass that made them (the slowest of this editor's layers; it includes sampling the corpus when
         that pass sampled it) and the number of tokens averaged."""
-        cache = Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
-        made = recorded_costs(self.model, self.layers, self.stats, cache)
+        made = recorded_costs(self.model, self.layers, self.stats, self.cache_root)
         if not made:
             return {}
         return {"stats_min": round(max(m.get("seconds", 0.0) for m in made) / 60, 2),
@@ -168,7 +186,9 @@ class LocateEditor(Editor):
         batch = batch_rows(self.formatter, rows, [q.target for q in requests for _ in self.contexts()], self.device)
         inputs = {str(ell): arch.out_proj(self.model, ell) for ell in key_layers}
         outputs = {"h": arch.blocks_of(self.model)[out_layer]} if out_layer is not None else None
-        got = read_at(self.model, batch, [r.position for r in rows], params, inputs=inputs, outputs=outputs)
+        deepest = max([*key_layers, *([out_layer] if out_layer is not None else [])])
+        got = read_at(self.model, batch, [r.position for r in rows], params, inputs=inputs, outputs=outputs,
+                      stop_after=arch.blocks_of(self.model)[deepest])
 
         def columns(x: Tensor) -> Tensor:
             mean = group_mean(x, len(requests))
@@ -201,17 +221,37 @@ class LocateEditor(Editor):
         return optimise_delta(self.model, arch.out_proj(self.model, layer), p.name, arch.blocks_of(self.model)[layer],
                               rewrite, [r.position for r in rows], kl, kl_pos, params, self.delta_settings)
 
+    def value_cache(self, layer: int) -> ValueCache:
+        """The on-disk δ of this base, layer and value settings (metaedit/locate/value_cache.py)."""
+        settings = asdict(self.delta_settings)
+        # What "auto" resolved to here: bf16 steps give (slightly) different shifts than fp32 ones.
+        settings["precision"] = "bf16" if settings["precision"] == "bf16" or (
+            settings["precision"] == "auto" and native_bf16(self.device)) else "fp32"
+        return ValueCache(self.cache_root, {
+            "fingerprint": fingerprint(self.model), "module": self.param_of(layer).name, "settings": settings,
+            "contexts": self.contexts(), "fact_token": self.fact_token, "subject_fallback": self.subject_fallback,
+            "kl_template": KL_TEMPLATE, "dtype": str(next(self.model.parameters()).dtype), "device": self.device.type})
+
     def deltas(self, requests: Sequence[EditRequest], layer: int) -> list[Tensor]:
-        """`delta` of each request on the unedited model; a batch of more than a few logs its progress
-        (each value shift is some twenty forward+backward passes: a batch of 1000 takes a while)."""
+        """`delta` of each request on the current model; a batch of more than a few logs its progress
+        (each value shift is some twenty forward+backward passes: a batch of 1000 takes a while).
+        Outside a sequence (the model unedited) shifts go through the value cache, which also lets
+        several processes editing the same batch split the work (metaedit/locate/value_cache.py)."""
         progress = Progress(len(requests), unit="edit", noun="value shifts")
         every = max(1, len(requests) // 10)
-        out = []
-        for i, q in enumerate(requests, start=1):
-            out.append(self.delta(q, layer, {}))
-            if len(requests) >= 10 and (i % every == 0 or i == len(requests)):
+
+        def report(i: int) -> None:
+            # (a sequence's steps of a few edits are reported by the protocol instead)
+            if len(requests) >= 50 and (i % every == 0 or i == len(requests)):
                 log.info("%s: %s", self.method, progress.line(i))
-        return out
+
+        if self._in_sequence:
+            out = []
+            for i, q in enumerate(requests, start=1):
+                out.append(self.delta(q, layer, {}))
+                report(i)
+            return out
+        return self.value_cache(layer).shared(requests, lambda q: self.delta(q, layer, {}), self.device, report)
 
     def param_of(self, layer: int) -> InnerParam:
         return self.inner_params[self.layers.index(layer)]

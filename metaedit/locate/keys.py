@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from metaedit.data.formatting import Formatter
 from metaedit.functional import forward_logits
-from metaedit.hooks import captured
+from metaedit.hooks import captured, forward_stops_after
 from metaedit.locate.tokens import last_token_index, subject_token_span
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
@@ -108,12 +108,21 @@ def at_positions(x: Tensor, positions: Sequence[int]) -> Tensor:
 
 def read_at(model: nn.Module, batch: LMBatch, positions: Sequence[int], params: Mapping[str, Tensor],
             inputs: Mapping[str, nn.Module] | None = None, outputs: Mapping[str, nn.Module] | None = None,
-            ) -> dict[str, Tensor]:
+            stop_after: nn.Module | None = None, chunk: int = 256) -> dict[str, Tensor]:
     """Module inputs (`inputs`) / outputs (`outputs`) at one position per row, for the model edited
-    by `params`: {key: [rows, d]} (float32, no grad)."""
-    with torch.no_grad(), captured(inputs=inputs, outputs=outputs) as store:
-        forward_logits(model, batch, params)
-    return {k: at_positions(v, positions).float() for k, v in store.items()}
+    by `params`: {key: [rows, d]} (float32, no grad). Rows go `chunk` at a time (a batch of 1000
+    edits is 6000+ rows: one forward over all of them would hold gigabytes of activations), and
+    the forward stops after `stop_after` (the deepest block read) when given."""
+    pos = list(positions)
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, len(batch), chunk):
+        rows = torch.arange(start, min(start + chunk, len(batch)), device=batch.input_ids.device)
+        part = batch if len(rows) == len(batch) else batch.select(rows)
+        with torch.no_grad(), captured(inputs=inputs, outputs=outputs) as store, forward_stops_after(stop_after):
+            forward_logits(model, part, params)
+        for k, v in store.items():
+            parts.setdefault(k, []).append(at_positions(v, pos[start : start + len(rows)]).float())
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def group_mean(x: Tensor, groups: int) -> Tensor:

@@ -3,8 +3,7 @@ preserved knowledge, with the keys of earlier edits kept across a sequence."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
@@ -43,7 +42,6 @@ class AlphaEditEditor(LocateEditor):
         self.null_space_threshold, self.l2 = null_space_threshold, l2
         self._projectors: dict[int, Tensor] = {}
         self.preserved: dict[int, Tensor] = {}  # layer -> Σ K_p K_pᵀ of this sequence's earlier edits
-        self._in_sequence = False
 
     def hparams(self) -> dict[str, Any]:
         return {**self._common_hparams(), "null_space_threshold": self.null_space_threshold, "l2": self.l2}
@@ -59,16 +57,6 @@ class AlphaEditEditor(LocateEditor):
 
     def reset_sequence(self) -> None:
         self.preserved = {}
-
-    @contextmanager
-    def editing_from(self, params: Mapping[str, Tensor]) -> Iterator[None]:
-        was = self._in_sequence
-        self._in_sequence = True
-        try:
-            with super().editing_from(params):
-                yield
-        finally:
-            self._in_sequence = was
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
         if not requests:
