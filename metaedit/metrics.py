@@ -177,7 +177,8 @@ def evaluate_edit_batch(
     runner = frozen_prefix(editor.model, [p.name for p in editor.inner_params])
     pre = pre_edit_state(editor, batch.loc, runner, max_rows)
     edited, edit_ms, _ = apply_protocol(editor, batch, protocol)
-    ref_ms = time_forward_backward(editor.model, _rows(batch.edit, 0, min(len(batch.edit), protocol.step))) if time_reference else None
+    ref_ms = (time_forward_backward(editor.model, _rows(batch.edit, 0, min(len(batch.edit), protocol.step)), max_rows)
+              if time_reference else None)
     cf = [b for b in (batch.edit_true, batch.inscope_true, batch.loc_new) if b is not None]
     scored = [batch.edit, batch.inscope, pre.loc_pred, pre.loc, *(cf if len(cf) == 3 else [])]
     s_edit, s_in, s_pred, s_gold, *s_cf = score_rows(editor, edited, scored, runner, {3: pre.pre_logits}, max_rows)
@@ -215,9 +216,11 @@ def prefers(logits_a: Tensor, targets_a: Tensor, logits_b: Tensor, targets_b: Te
     return (mean_target_logprob(logits_a, targets_a) > mean_target_logprob(logits_b, targets_b)).float()
 
 
-def time_forward_backward(model: torch.nn.Module, batch: LMBatch) -> float:
+def time_forward_backward(model: torch.nn.Module, batch: LMBatch, max_rows: int = MAX_ROWS) -> float:
     """Milliseconds of what one fine-tuning step costs: forward, loss, backward into every base
-    parameter (the yardstick an editor's edit time is compared with)."""
+    parameter (the yardstick an editor's edit time is compared with). Rows go at most `max_rows` at
+    a time with gradients accumulated, as a step over a batch of 1000 edits must on a small machine
+    (one pass would hold the logits and activations of every row: >20 GB for SmolLM2)."""
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     try:
@@ -226,7 +229,9 @@ def time_forward_backward(model: torch.nn.Module, batch: LMBatch) -> float:
         _sync(batch.input_ids.device)
         t0 = time.perf_counter()
         with torch.enable_grad():
-            nll(forward_logits(model, batch), batch.targets).backward()
+            for start in range(0, len(batch), max_rows):
+                part = _rows(batch, start, min(len(batch), start + max_rows))
+                (nll(forward_logits(model, part), part.targets) * (len(part) / len(batch))).backward()
         _sync(batch.input_ids.device)
         return (time.perf_counter() - t0) * 1000
     finally:

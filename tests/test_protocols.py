@@ -117,3 +117,23 @@ def test_grouped_edits_leave_out_locality_inputs_about_subjects_the_group_edits(
     assert any(any(s in p for s in subjects) for p in alone)  # single edits keep their hard negatives
     assert together and not any(any(s in p.split() for s in subjects) for p in together)
     assert set(together) <= set(alone)
+
+
+def test_forward_backward_reference_in_row_chunks_leaves_the_model_as_it_was(make_editor):
+    """The yardstick of a 1000-edit batch goes max_rows rows at a time (one pass held >20 GB on
+    SmolLM2): every chunk's backward runs, and gradients and requires_grad flags are put back."""
+    from metaedit.metrics import time_forward_backward
+
+    ed = make_editor("ft", "tiny-gpt2")
+    prompt = f"The capital of {SUBJECT} is"
+    batch = EditCollator(ed.formatter, sample=False)([_record(prompt, o) for o in WORLD.objects["capital"][:5]]).edit
+    flags = [p.requires_grad for p in ed.model.parameters()]
+    backwards = []
+    handle = ed.model.get_output_embeddings().register_full_backward_hook(lambda m, gi, go: backwards.append(1))
+    try:
+        assert time_forward_backward(ed.model, batch, max_rows=2) > 0
+    finally:
+        handle.remove()
+    assert len(backwards) == 3  # rows 0-1, 2-3, 4
+    assert [p.requires_grad for p in ed.model.parameters()] == flags
+    assert all(p.grad is None for p in ed.model.parameters())
