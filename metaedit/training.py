@@ -118,7 +118,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if is_rank_zero and not (run_dir / "best").exists():
             save_editor(editor, run_dir / "best")  # no validation ran (e.g. max_steps below val interval)
     else:
-        log.info("method %s has nothing to train; writing its configuration only", cfg.method.name)
+        log.info("method %s has nothing to train: its one-off preparation (if any), then its configuration",
+                 cfg.method.name)
+        editor.prepare()
         save_editor(editor, run_dir / "best")
 
     train_seconds = round(time.perf_counter() - t_start, 1)

@@ -361,3 +361,13 @@ def test_processes_share_a_batch_through_value_claims(tmp_path):
     # This process's claims are released; the live process's own claim is left to it.
     assert {p.name for p in cache.dir.glob("*.claim")} == {f"{cache.request_key(reqs[1])}.claim"}
     assert all(cache.get(q, torch.device("cpu")) is not None for q in reqs)
+
+
+def test_prepare_computes_the_statistics_of_every_edited_layer(tiny, tmp_path):
+    """`train.py method=memit` calls `prepare`: the one-off statistics are paid there, not by the first edit."""
+    model, tok, cfg = tiny("tiny-gpt2")
+    ed = build_editor("memit", model, cfg, {"stats": SMALL_STATS, "layers": [1, 2]}, tokenizer=tok, cache_dir=tmp_path)
+    assert ed.one_off_costs() == {}
+    ed.prepare()
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 2
+    assert ed.one_off_costs()["stats_tokens"] == SMALL_STATS["n_tokens"]

@@ -117,6 +117,11 @@ class Editor(nn.Module, ABC):
         need different step sizes (SERAC's pretrained counterfactual model) overrides this."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
+    def prepare(self) -> None:
+        """Do the one-off work an editor needs before its first edit (ROME's key statistics), so
+        that `python train.py method=<untrained editor>` pays it up front, with progress, instead of
+        the first edit. Default: nothing."""
+
     def one_off_costs(self) -> dict[str, float]:
         """What this editor paid once per base model outside any edit (e.g. ROME's key statistics),
         by metric name (minutes as `*_min`); evaluation reports it beside edit_ms. Default: none."""

@@ -156,6 +156,11 @@ class LocateEditor(Editor):
             self._moments.update(second_moments(self.model, self.tokenizer, missing, self.stats, self.cache_root))
         return self._moments[layer]
 
+    def prepare(self) -> None:
+        """The key statistics of every edited layer (computed once, then read from the cache)."""
+        for layer in self.layers:
+            self.moments(layer)
+
     def one_off_costs(self) -> dict[str, float]:
         """The key statistics' one-off cost as recorded when they were computed: minutes of the
         pass that made them (the slowest of this editor's layers; it includes sampling the corpus when
