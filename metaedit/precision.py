@@ -59,6 +59,11 @@ def native_bf16(device: torch.device) -> bool:
     return precision == "bf16-mixed"
 
 
+def uses_bf16(choice: str, device: torch.device) -> bool:
+    """Whether a "fp32" | "bf16" | "auto" choice runs bf16 autocast on `device` (auto: where native)."""
+    return choice == "bf16" or (choice == "auto" and native_bf16(device))
+
+
 def resolve_precision(requested: str | int | None, accelerator: str) -> str | int | None:
     """The precision to give the Trainer; logs the choice (and why) when `requested` is "auto"."""
     if requested != "auto":

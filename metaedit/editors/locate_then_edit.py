@@ -41,7 +41,7 @@ from metaedit.locate.values import DeltaSettings, optimise_delta
 from metaedit.models.fingerprint import fingerprint
 from metaedit.models.inner_params import InnerParam
 from metaedit.paths import default_cache_dir
-from metaedit.precision import native_bf16
+from metaedit.precision import uses_bf16
 from metaedit.progress import Progress
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
@@ -230,8 +230,7 @@ class LocateEditor(Editor):
         """The on-disk δ of this base, layer and value settings (metaedit/locate/value_cache.py)."""
         settings = asdict(self.delta_settings)
         # What "auto" resolved to here: bf16 steps give (slightly) different shifts than fp32 ones.
-        settings["precision"] = "bf16" if settings["precision"] == "bf16" or (
-            settings["precision"] == "auto" and native_bf16(self.device)) else "fp32"
+        settings["precision"] = "bf16" if uses_bf16(settings["precision"], self.device) else "fp32"
         return ValueCache(self.cache_root, {
             "fingerprint": fingerprint(self.model), "module": self.param_of(layer).name, "settings": settings,
             "contexts": self.contexts(), "fact_token": self.fact_token, "subject_fallback": self.subject_fallback,

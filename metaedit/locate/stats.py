@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from metaedit.hooks import captured, forward_stops_after
 from metaedit.locate.arch import blocks_of, layout_of, out_proj, out_proj_params
 from metaedit.models.fingerprint import fingerprint
-from metaedit.precision import native_bf16
+from metaedit.precision import uses_bf16
 from metaedit.progress import Progress
 from metaedit.types import MetaEditError
 from metaedit.utils import file_lock
@@ -97,7 +97,7 @@ class StatsSpec:
 
     def bf16(self, device: torch.device) -> bool:
         """Whether the forward passes run in bf16 autocast on `device`."""
-        return self.precision == "bf16" or (self.precision == "auto" and native_bf16(device))
+        return uses_bf16(self.precision, device)
 
 
 def _corpus_files(corpus: str) -> list[Path]:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from metaedit.functional import logits_at
 from metaedit.hooks import captured, patched_outputs
 from metaedit.locate.keys import at_positions
-from metaedit.precision import native_bf16
+from metaedit.precision import uses_bf16
 from metaedit.prefix import frozen_prefix, with_prefix
 from metaedit.types import LMBatch
 
@@ -90,7 +90,7 @@ def optimise_delta(model: nn.Module, module: nn.Module, module_param: str, resid
 
     # bf16 autocast where the hardware has it: the steps are most of an edit's time, δ itself and the
     # losses stay float32 (on a CPU with AVX512-BF16 a step's matmuls run ~2.4x faster).
-    bf16 = settings.precision == "bf16" or (settings.precision == "auto" and native_bf16(device))
+    bf16 = uses_bf16(settings.precision, device)
     taken, last_nll = 0, float("nan")
     with torch.enable_grad(), patched_outputs({module: add_delta}), \
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
