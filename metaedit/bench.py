@@ -111,7 +111,9 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         if method not in EDITORS:
             rows.append({**row, "status": f"not available in this version (valid: {sorted(EDITORS)})"})
             continue
-        hparams = {**_method_hparams(method), **(cfg.overrides.get(name) or {})}
+        # Plain containers: an override may be nested ({memit: {stats: {precision: fp32}}}) and goes into JSON.
+        override = cfg.overrides.get(name)
+        hparams = {**_method_hparams(method), **(OmegaConf.to_container(override, resolve=True) if override else {})}
         if variant:
             row["variant"] = {"method": method, "run_name": run_name, "train": list(variant.get("train", []))}
         if name == "base":
