@@ -240,16 +240,29 @@ def time_forward_backward(model: torch.nn.Module, batch: LMBatch, max_rows: int 
             p.requires_grad_(f)
 
 
-def generate_texts(edited: EditedModel, formatter: Formatter, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy free generations of the edited model, one prompt at a time (no padding effects)."""
+def generate_texts(edited: EditedModel, formatter: Formatter, prompts: list[str], max_new_tokens: int,
+                   rows: int = 32) -> list[str]:
+    """Greedy free generations of the edited model, `rows` prompts per `generate` call.
+
+    Decoding one token of one row reads every weight for a handful of FLOPs; rows decoded together
+    share those reads (2000 fluency prompts: minutes instead of twenty). Decoder-only prompts are
+    padded on the left with an attention mask, from which transformers derives the positions, so
+    each row's greedy text is the one it gets alone (pinned by a test)."""
     tok = formatter.tokenizer
-    texts = []
+    causal = formatter.family == "causal_lm"
+    texts: list[str] = []
     device = next(edited.base.parameters()).device
-    for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt").to(device)
-        out = edited.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        new = out[0, ids["input_ids"].shape[1] :] if formatter.family == "causal_lm" else out[0]
-        texts.append(prompt + " " + tok.decode(new, skip_special_tokens=True))
+    side = tok.padding_side
+    tok.padding_side = "left" if causal else "right"
+    try:
+        for start in range(0, len(prompts), rows):
+            chunk = prompts[start:start + rows]
+            ids = tok(chunk, return_tensors="pt", padding=True).to(device)
+            out = edited.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            new = out[:, ids["input_ids"].shape[1]:] if causal else out
+            texts += [prompt + " " + tok.decode(row, skip_special_tokens=True) for prompt, row in zip(chunk, new)]
+    finally:
+        tok.padding_side = side
     return texts
 
 

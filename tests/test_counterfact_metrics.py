@@ -78,3 +78,23 @@ def test_greedy_relabel_matches_generate(tiny, model_name):
         new = gen[0, ids.shape[1] :] if cfg["family"] == "causal_lm" else gen[0, 1:]
         got = plain.targets[row][plain.targets[row] != -100]
         assert len(new) > 0 and got.tolist()[: len(new)] == new[:n].tolist()  # generate may stop at EOS
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gpt2", "tiny-t5"])
+def test_fluency_generations_in_rows_equal_each_alone(make_editor, model_name):
+    """Prompts of different lengths generated together (left-padded for decoder-only models) give
+    each the greedy text it gets alone, and the edit is applied: an edited model's texts differ."""
+    from metaedit.functional import EditedModel
+    from metaedit.metrics import generate_texts
+
+    ed = make_editor("ft", model_name)
+    prompts = ["The capital of Ardonia is", "Who", "The official language spoken by most people in Belmar is"]
+    base = EditedModel(ed.model, {})
+    side = ed.formatter.tokenizer.padding_side
+    together = generate_texts(base, ed.formatter, prompts, 8, rows=3)
+    assert together == [generate_texts(base, ed.formatter, [p], 8, rows=1)[0] for p in prompts]
+    assert ed.formatter.tokenizer.padding_side == side  # the shared tokenizer is left as it was
+    torch.manual_seed(0)
+    noisy = EditedModel(ed.model, {p.name: (w := ed.model.get_parameter(p.name).detach()) + torch.randn_like(w) * 10 * w.std()
+                                   for p in ed.inner_params})
+    assert generate_texts(noisy, ed.formatter, prompts, 8, rows=3) != together
