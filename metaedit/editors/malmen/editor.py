@@ -68,15 +68,12 @@ class MALMENEditor(MENDEditor):
         edit_lr_lr: float | None = None,
     ) -> None:
         super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
-                         edit_lr_lr=edit_lr_lr)
-        if chunk_size < 1:
-            raise MetaEditError(f"malmen chunk_size must be >= 1, got {chunk_size}")
-        self.lambda_init, self.chunk_size, self.memory_cap_mb = lambda_init, chunk_size, memory_cap_mb
+                         edit_lr_lr=edit_lr_lr, chunk_size=chunk_size)
+        self.lambda_init, self.memory_cap_mb = lambda_init, memory_cap_mb
         self.log_lambdas = nn.Parameter(torch.full((len(self.inner_params),), float(lambda_init)))
 
     def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "lambda_init": self.lambda_init, "chunk_size": self.chunk_size,
-                "memory_cap_mb": self.memory_cap_mb}
+        return {**super().hparams(), "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb}
 
     # ---- the least-squares shift ----------------------------------------------------------------
     def _check_memory(self, rows: Sequence[tuple[Tensor, Tensor]], held: float) -> float:
@@ -96,11 +93,9 @@ class MALMENEditor(MENDEditor):
         """(KᵀK, DᵀK) per inner layer, summed over chunks of `chunk_size` edits."""
         sums: list[tuple[Tensor, Tensor] | None] = [None] * len(self.inner_params)
         held = 0.0
-        for start in range(0, len(edit), self.chunk_size):
-            part = edit if len(edit) <= self.chunk_size else edit.select(
-                torch.arange(start, min(start + self.chunk_size, len(edit))))
+        for part, part_requests in self.chunks(edit, requests):
             try:
-                rows = self.capture(part, None if requests is None else requests[start : start + self.chunk_size])
+                rows = self.capture(part, part_requests)
                 held = self._check_memory(rows, held)
                 pairs = self.transform(rows)
                 for i, (k, v) in enumerate(pairs):

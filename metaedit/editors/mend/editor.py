@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -38,6 +38,9 @@ class MENDEditor(Editor):
             A request without a subject uses its last prompt token (logged once).
         n_blocks: residual blocks in each network.
         act: activation of the residual blocks (gelu, silu, tanh).
+        chunk_size: edits per base forward/backward when an edit is applied: the update is a sum
+            over rows, so chunks give the same ΔW while memory scales with the chunk (one pass over
+            1000 SmolLM2 edits was killed for memory at 22 GB).
         edit_lr_lr: the outer optimizer's learning rate for the step sizes η_ℓ (None: the trainer's;
             the reference code's `lr_lr`). Adam moves a parameter by about its learning rate per
             step, so at the networks' rate η needs thousands of steps to grow tenfold from 1e-4.
@@ -55,14 +58,17 @@ class MENDEditor(Editor):
         n_blocks: int = 2,
         act: str = "gelu",
         edit_lr_lr: float | None = None,
+        chunk_size: int = 64,
     ) -> None:
         super().__init__(model, inner_params)
+        if chunk_size < 1:
+            raise MetaEditError(f"{self.method} chunk_size must be >= 1, got {chunk_size}")
         if rows not in ROWS_MODES:
             raise MetaEditError(f"{self.method} rows must be one of {list(ROWS_MODES)}, got {rows!r}")
         if edit_lr_lr is not None and edit_lr_lr <= 0:
             raise MetaEditError(f"{self.method} edit_lr_lr must be > 0 or null, got {edit_lr_lr}")
         self.rank, self.edit_lr_init, self.rows, self.n_blocks, self.act = rank, edit_lr, rows, n_blocks, act
-        self.edit_lr_lr = edit_lr_lr
+        self.edit_lr_lr, self.chunk_size = edit_lr_lr, chunk_size
         # One network per distinct (d_in, d_out), shared by all layers of that shape.
         shapes = sorted({(p.d_in, p.d_out) for p in self.inner_params})
         self._slot: list[tuple[str, int]] = []
@@ -78,7 +84,7 @@ class MENDEditor(Editor):
 
     def hparams(self) -> dict[str, Any]:
         return {"rank": self.rank, "edit_lr": self.edit_lr_init, "rows": self.rows, "n_blocks": self.n_blocks,
-                "act": self.act, "edit_lr_lr": self.edit_lr_lr}
+                "act": self.act, "edit_lr_lr": self.edit_lr_lr, "chunk_size": self.chunk_size}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         rest = [p for p in self.parameters() if p.requires_grad and p is not self.edit_lrs]
@@ -142,12 +148,22 @@ class MENDEditor(Editor):
                 out[i] = (u_t[j], d_t[j])
         return out
 
+    def chunks(self, edit: LMBatch, requests: Sequence[EditRequest] | None) -> Iterator[tuple[LMBatch, Sequence[EditRequest] | None]]:
+        """`edit` (and its requests) in pieces of at most `chunk_size` rows."""
+        if len(edit) <= self.chunk_size:
+            yield edit, requests
+            return
+        for start in range(0, len(edit), self.chunk_size):
+            stop = min(start + self.chunk_size, len(edit))
+            yield edit.select(torch.arange(start, stop)), None if requests is None else requests[start:stop]
+
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
-        new_params: dict[str, Tensor] = {}
-        for i, (p, (u_t, d_t)) in enumerate(zip(self.inner_params, self.transform(self.capture(edit, requests)))):
-            w = self.model.get_parameter(p.name)
-            # W − η Σ_t δ̃_t ũ_tᵀ as one fused addmm; η scales the n × d_out rows, not the full product.
-            step, u_t = (d_t * -self.edit_lrs[i]).to(w.dtype), u_t.to(w.dtype)
-            # Conv1D stores W as [d_in, d_out].
-            new_params[p.name] = torch.addmm(w, u_t.T, step) if p.transposed else torch.addmm(w, step.T, u_t)
+        new_params: dict[str, Tensor] = {p.name: self.model.get_parameter(p.name) for p in self.inner_params}
+        for part, part_requests in self.chunks(edit, requests):
+            for i, (p, (u_t, d_t)) in enumerate(zip(self.inner_params, self.transform(self.capture(part, part_requests)))):
+                w = new_params[p.name]
+                # W − η Σ_t δ̃_t ũ_tᵀ as one fused addmm; η scales the n × d_out rows, not the full product.
+                step, u_t = (d_t * -self.edit_lrs[i]).to(w.dtype), u_t.to(w.dtype)
+                # Conv1D stores W as [d_in, d_out].
+                new_params[p.name] = torch.addmm(w, u_t.T, step) if p.transposed else torch.addmm(w, step.T, u_t)
         return EditedModel(self.model, new_params)
