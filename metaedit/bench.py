@@ -31,8 +31,14 @@ COLUMNS = ["es", "ps", "ns", "score", "edit_acc", "rephrase_acc", "loc_retain", 
            "fwd_bwd_ms", "edit_over_fwd_bwd", "train_min", "stats_min", "peak_mem_mb", "n_edits"]
 
 
-def _method_hparams(method: str) -> dict[str, Any]:
-    return dict(yaml.safe_load((CONFIG_DIR / "method" / f"{method}.yaml").read_text()).get("editor") or {})
+def _method_hparams(method: str, override: Any = None) -> dict[str, Any]:
+    """The editor hyper-parameters of configs/method/<method>.yaml with a bench override merged in
+    key by key: `+overrides.memit.stats.precision=fp32` changes that one statistics setting and keeps
+    the file's other `stats` values."""
+    base = yaml.safe_load((CONFIG_DIR / "method" / f"{method}.yaml").read_text()).get("editor") or {}
+    merged = OmegaConf.to_container(OmegaConf.merge(base, override or {}), resolve=True)
+    assert isinstance(merged, dict)
+    return {str(k): v for k, v in merged.items()}
 
 
 def _same_eval(report: dict[str, Any], cfg: DictConfig, records_digest: str, editor_dir: Path) -> bool:
@@ -111,9 +117,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         if method not in EDITORS:
             rows.append({**row, "status": f"not available in this version (valid: {sorted(EDITORS)})"})
             continue
-        # Plain containers: an override may be nested ({memit: {stats: {precision: fp32}}}) and goes into JSON.
-        override = cfg.overrides.get(name)
-        hparams = {**_method_hparams(method), **(OmegaConf.to_container(override, resolve=True) if override else {})}
+        hparams = _method_hparams(method, cfg.overrides.get(name))
         if variant:
             row["variant"] = {"method": method, "run_name": run_name, "train": list(variant.get("train", []))}
         if name == "base":

@@ -90,3 +90,18 @@ def test_scaling_plot_joins_protocols_into_curves(tmp_path):
     assert scaling_plot(out, "m", "d") == tmp_path / "bench-m-d-scaling.png"
     assert (tmp_path / "bench-m-d-scaling.png").stat().st_size > 0
     assert scaling_plot(tmp_path / "bench-m-other", "m", "other") is None
+
+
+def test_a_nested_bench_override_changes_one_setting_and_keeps_the_others():
+    """`+overrides.memit.stats.precision=fp32` (and variants' overrides) reach the editor merged key by
+    key into configs/method/memit.yaml: the file's other statistics settings survive."""
+    from metaedit.bench import _method_hparams
+
+    plain = _method_hparams("memit")
+    tuned = _method_hparams("memit", OmegaConf.create({"stats": {"precision": "fp32", "n_tokens": 5000},
+                                                        "mom2_update_weight": 2000, "layers": [2, 3]}))
+    assert tuned["stats"] == {**plain["stats"], "precision": "fp32", "n_tokens": 5000}
+    assert plain["stats"]["precision"] == "auto" and plain["stats"]["on_mismatch"] == "rebuild"
+    assert (tuned["mom2_update_weight"], tuned["layers"]) == (2000, [2, 3])
+    assert {k: v for k, v in tuned.items() if k not in ("stats", "mom2_update_weight", "layers")} == \
+        {k: v for k, v in plain.items() if k not in ("stats", "mom2_update_weight", "layers")}

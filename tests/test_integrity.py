@@ -67,6 +67,29 @@ def test_default_builds_are_leak_free(tmp_path, data):
     assert built[0].name.endswith("-v3" if data == "worldfacts_wide" else "-v2")
 
 
+def cross_leaks(train: list[dict], held: list[dict]) -> dict[str, int]:
+    """`count_leaks` across two datasets: `held` (another dataset's val/test) against `train`."""
+    return count_leaks({"train": train, "val": held, "test": []})
+
+
+def test_keep_out_holds_another_datasets_test_out_of_training(tmp_path):
+    """Train on the wide world, score on data=worldfacts's test: the wide split alone would train on
+    some of that test's prompts and subjects; `data.keep_out` drops them from train and val."""
+    narrow = build("worldfacts", tmp_path)
+    held = narrow["val"] + narrow["test"]
+    plain = build("worldfacts_wide", tmp_path)
+    assert sum(cross_leaks(plain["train"], held).values()) > 0  # what keep_out is for
+    kept = build("worldfacts_wide", tmp_path, f"data.keep_out=[{tmp_path}/data/worldfacts-v2]")
+    for split in ("train", "val"):
+        assert cross_leaks(kept[split], held) == {"edit_prompts": 0, "loc_prompts": 0, "subjects": 0}
+        assert 0 < len(kept[split]) < len(plain[split])
+    assert kept["test"] == plain["test"]  # the wide test split is untouched
+    built = tmp_path / "data" / "worldfacts_wide-v3-keepout-worldfacts-v2"
+    assert list(json.loads((built / "manifest.json").read_text())["keep_out"]) == [f"{tmp_path}/data/worldfacts-v2"]
+    with pytest.raises(MetaEditError, match="keep_out.*not found"):
+        build("worldfacts_wide", tmp_path, f"data.keep_out=[{tmp_path}/nowhere]")
+
+
 def test_heldout_relation_goes_to_test_only(tmp_path):
     splits = build("worldfacts", tmp_path, "data.heldout_relations=[capital]")
     assert not [r for s in ("train", "val") for r in splits[s] if r["relation"] == "capital"]

@@ -153,20 +153,16 @@ def leaks(splits: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
     return out
 
 
-def drop_leaking_train_records(
-    splits: dict[str, list[dict[str, Any]]], where: str
-) -> dict[str, list[dict[str, Any]]]:
-    """Remove training records that contain a val/test prompt or a val/test subject (whole words),
-    logging how many: user files may share locality questions or mention a held-out subject in
-    another record's prompt, and a number measured on such a split would not be held out."""
+def _leak_test(held: Iterable[dict[str, Any]]) -> Any:
+    """A predicate: does a record contain one of the `held` records' prompts, or one of their
+    subjects as whole words inside any of its prompts?"""
     held_prompts: set[str] = set()
     held_subjects: set[tuple[str, ...]] = set()
-    for split in ("val", "test"):
-        for r in splits.get(split, []):
-            e, loc, subject = record_prompts(r)
-            held_prompts.update(e + loc)
-            if subject:
-                held_subjects.add(words(subject))
+    for r in held:
+        e, loc, subject = record_prompts(r)
+        held_prompts.update(e + loc)
+        if subject:
+            held_subjects.add(words(subject))
     longest = max((len(s) for s in held_subjects), default=0)
 
     def leaky(r: dict[str, Any]) -> bool:
@@ -179,9 +175,35 @@ def drop_leaking_train_records(
                 return True
         return False
 
+    return leaky
+
+
+def drop_leaking_train_records(
+    splits: dict[str, list[dict[str, Any]]], where: str
+) -> dict[str, list[dict[str, Any]]]:
+    """Remove training records that contain a val/test prompt or a val/test subject (whole words),
+    logging how many: user files may share locality questions or mention a held-out subject in
+    another record's prompt, and a number measured on such a split would not be held out."""
+    leaky = _leak_test(r for split in ("val", "test") for r in splits.get(split, []))
     train = splits.get("train", [])
     kept = [r for r in train if not leaky(r)]
     if len(kept) < len(train):
         log.warning("%s: dropped %d of %d training records that contain a val/test prompt or subject "
                     "(DESIGN §3 data integrity)", where, len(train) - len(kept), len(train))
     return {**splits, "train": kept}
+
+
+def keep_out_of_training(
+    splits: dict[str, list[dict[str, Any]]], held: Sequence[dict[str, Any]], where: str, source: str
+) -> dict[str, list[dict[str, Any]]]:
+    """Remove train and val records that contain a prompt or subject of `held` (another dataset's
+    val/test records), logging how many: an editor trained here can then be scored on that other
+    dataset's test split, held out for real (val too, since it selects the checkpoint)."""
+    leaky = _leak_test(held)
+    out = dict(splits)
+    for split in ("train", "val"):
+        records = splits.get(split, [])
+        out[split] = [r for r in records if not leaky(r)]
+        log.info("%s: %d of %d %s records dropped: they contain a val/test prompt or subject of %s",
+                 where, len(records) - len(out[split]), len(records), split, source)
+    return out
