@@ -17,7 +17,7 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metaedit.data.records import digest
+from metaedit.data.records import digest, write_json_atomic
 from metaedit.editors.io import build_editor, editor_digest, save_editor
 from metaedit.editors.registry import EDITORS
 from metaedit.evaluation import protocol_from
@@ -106,7 +106,8 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     data = instantiate(cfg.data, formatter=make_formatter(model, tokenizer, model_cfg), _recursive_=False)
     records = digest(data.records(cfg.split)[: cfg.limit or None])
     # evaluate.py takes the base model from the editor's own config; train.py needs it named.
-    common = [*_data_args(cfg.data, work), f"paths.root_dir={cfg.paths.root_dir}", f"paths.cache_dir={cfg.paths.cache_dir}"]
+    paths = [f"paths.root_dir={cfg.paths.root_dir}", f"paths.cache_dir={cfg.paths.cache_dir}"]
+    common = [*_data_args(cfg.data, work), *paths]
     rows: list[dict[str, Any]] = []
     for name in cfg.methods:
         row: dict[str, Any] = {"method": name}
@@ -134,7 +135,15 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
                     rows.append({**row, "status": f"no trained checkpoint at {editor_dir} (train it, or train_missing=true)"})
                     continue
                 log.info("training %s (log: %s)", method, work / f"{name}-train.log")
-                _run(["train.py", f"method={method}", f"model={cfg.model.name}", *common, f"run_name={run_name}",
+                # A variant may train on another dataset (`train_data`), with this benchmark's val/test
+                # prompts and subjects kept out of it (data.keep_out), so it is still scored held out.
+                data_args = common
+                if variant.get("train_data"):
+                    held = work / f"{cfg.data.name}-val-test"  # this benchmark's val/test records, as keep_out reads them
+                    for split in ("val", "test"):
+                        write_json_atomic(held / f"{split}.json", data.records(split))
+                    data_args = [f"data={variant['train_data']}", f"data.keep_out=['{held}']", *paths]
+                _run(["train.py", f"method={method}", f"model={cfg.model.name}", *data_args, f"run_name={run_name}",
                       *variant.get("train", []), "evaluate_after=false"], work / f"{name}-train.log")
             info = editor_dir / "train_info.json"
             train_info = json.loads(info.read_text()) if info.is_file() else {}

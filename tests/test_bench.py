@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -105,3 +106,37 @@ def test_a_nested_bench_override_changes_one_setting_and_keeps_the_others():
     assert (tuned["mom2_update_weight"], tuned["layers"]) == (2000, [2, 3])
     assert {k: v for k, v in tuned.items() if k not in ("stats", "mom2_update_weight", "layers")} == \
         {k: v for k, v in plain.items() if k not in ("stats", "mom2_update_weight", "layers")}
+
+
+def test_a_variant_trained_on_other_data_keeps_this_benchmarks_test_out(tmp_path):
+    """`variants.X.train_data`: the editor trains on another dataset, with the benchmark's val/test
+    prompts and subjects dropped from it (data.keep_out), and is then scored on the benchmark's records."""
+    from metaedit.data.synthetic import build_world, edit_records
+
+    world = build_world(seed=0, n_subjects=200)  # the tiny models' world (data=synthetic)
+    subjects = [s for s in world.subjects if world.split_of[s] == "train"][:4]
+    data = tmp_path / "cf"
+    data.mkdir()
+    for split in ("train", "val", "test"):
+        records = [_counterfact(i, s, world.facts[(subjects[i - 1], "capital")], world.facts[(s, "capital")])
+                   for i, s in enumerate(subjects)]
+        (data / f"{split}.json").write_text(json.dumps(records))
+    fast = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "logger=none",
+            "trainer.enable_progress_bar=false"]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("bench", overrides=[
+            "data=counterfact", f"data.path={data}", "model=tiny-gpt2", "methods=[mend_other]", "limit=2",
+            "fluency_tokens=0", f"paths.root_dir={tmp_path}", f"out={tmp_path}/bench", "train_missing=true",
+            "+variants.mend_other.method=mend", "+variants.mend_other.run_name=mend-other",
+            "+variants.mend_other.train_data=synthetic", f"+variants.mend_other.train={fast}"])
+    (row,) = run_bench(cfg)["rows"]
+    assert row["status"] == "ok" and row["n_edits"] == 2, row
+    built = tmp_path / "data" / "synthetic-s0-n200-v2-keepout-counterfact-val-test"
+    train = json.loads((built / "train.json").read_text())
+    plain = edit_records(world, "train")  # what data=synthetic trains on without keep_out
+    def names(r: dict, s: str) -> bool:
+        texts = [r["prompt"], *r["rephrases"], *(x["prompt"] for x in r["locality"])]
+        return any(re.search(rf"(?<!\w){re.escape(s)}(?!\w)", t) for t in texts)
+
+    assert sum(any(names(r, s) for s in subjects) for r in plain) >= 4
+    assert train and not [r for r in train if any(names(r, s) for s in subjects)]
