@@ -371,3 +371,27 @@ def test_prepare_computes_the_statistics_of_every_edited_layer(tiny, tmp_path):
     ed.prepare()
     assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 2
     assert ed.one_off_costs()["stats_tokens"] == SMALL_STATS["n_tokens"]
+
+
+def test_facts_corpus_holds_training_facts_only(tmp_path):
+    """`python -m metaedit.locate.corpus`: the fact sentences come from train.json alone (val/test
+    never reach the statistics), each stated with its true object, once, in a seeded order."""
+    from metaedit.locate.corpus import fact_sentences, training_records
+
+    def cf(subject: str, true: str, new: str, neighbour: str, answer: str) -> dict:
+        return {"case_id": subject, "requested_rewrite": {"prompt": "The capital of {} is", "subject": subject,
+                                                          "relation_id": "capital", "target_new": {"str": new},
+                                                          "target_true": {"str": true}},
+                "paraphrase_prompts": [f"{subject}'s capital is"], "neighborhood_prompts": [neighbour],
+                "neighborhood_answers": [answer]}
+
+    (tmp_path / "train.json").write_text(json.dumps([cf("France", "Paris", "Rome", "The capital of Peru is", "Lima"),
+                                                     cf("Chile", "Santiago", "Oslo", "The capital of Peru is", "Lima")]))
+    (tmp_path / "test.json").write_text(json.dumps([cf("Japan", "Tokyo", "Cairo", "The capital of Nepal is", "Kathmandu")]))
+    sentences = fact_sentences(training_records(tmp_path), seed=0)
+    assert sorted(sentences) == sorted(["The capital of France is Paris.", "France's capital is Paris.",
+                                        "The capital of Chile is Santiago.", "Chile's capital is Santiago.",
+                                        "The capital of Peru is Lima."])
+    assert sentences == fact_sentences(training_records(tmp_path), seed=0) != fact_sentences(training_records(tmp_path), seed=1)
+    with pytest.raises(MetaEditError, match="no train.json"):
+        training_records(tmp_path / "nowhere")

@@ -65,18 +65,23 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     return [validate_record(rec, f"{path}: record {i}") for i, rec in enumerate(read_json_list(path))]
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON so a reader never sees a half-written file (temp file + rename)."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a file so a reader never sees it half-written (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (see `write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 # The default data version of a generated dataset (`GeneratedEditData.version`): a builder that

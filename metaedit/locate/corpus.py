@@ -1,0 +1,88 @@
+"""A key-statistics corpus of the base model's own text followed by a dataset's training facts.
+
+C = E[k kᵀ] from text sampled from the model (the default) knows little about the keys of the
+sentences edits are about (city names at the start of a prompt, "X is a city in the US state of"):
+directions those keys share are rare there, so C⁻¹ inflates them and an update written at one
+subject's key reaches its neighbours' keys too. Fact sentences of the *training* split (edit prompts
+with their true objects, paraphrases, neighbourhood prompts with their answers — never val/test, so
+the evaluation stays held out) put those directions among the preserved ones.
+
+    python -m metaedit.locate.corpus --model smollm2-135m --data data/worldfacts_wide-v3 --out DIR
+
+writes DIR/a_sampled.txt (the sampled corpus the default statistics use, decoded) and
+DIR/b_facts.txt (the facts, one per line, deduplicated, shuffled by --seed); an editor reads it with
+`stats.corpus=DIR stats.n_tokens=N`: the sampled text comes first, the facts fill the rest up to N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from metaedit.data.readers import read_records
+from metaedit.data.records import load_records, write_text_atomic
+from metaedit.models.fingerprint import fingerprint
+from metaedit.models.loading import load_base_model, load_model_config
+from metaedit.paths import default_cache_dir
+from metaedit.types import MetaEditError
+
+log = logging.getLogger(__name__)
+
+
+def training_records(data_dir: Path) -> list[dict[str, Any]]:
+    """The training split of a built dataset directory, in the internal format."""
+    path = data_dir / "train.json"
+    if not path.is_file():
+        raise MetaEditError(f"{data_dir}: no train.json (a built dataset directory, e.g. data/worldfacts_wide-v3)")
+    head = path.read_text()[:4000]
+    return read_records(path, "counterfact") if '"requested_rewrite"' in head else load_records(path)
+
+
+def fact_sentences(records: list[dict[str, Any]], seed: int = 0) -> list[str]:
+    """Every fact a training record states, as "<prompt> <answer>.", deduplicated and shuffled."""
+    out: set[str] = set()
+    for r in records:
+        true = r.get("target_true")
+        if true:
+            out.update(f"{p} {true}." for p in (r["prompt"], *r.get("rephrases", [])))
+        out.update(f"{x['prompt']} {x['answer']}." for x in r.get("locality", []) if x.get("answer"))
+    sentences = sorted(out)
+    random.Random(seed).shuffle(sentences)
+    return sentences
+
+
+def write_corpus(model_name: str, data_dir: Path, out: Path, cache: Path, seed: int = 0) -> dict[str, int]:
+    """Write the two corpus files; returns their sizes (sentences, sampled chunks, tokens)."""
+    from metaedit.locate.stats import StatsSpec, _cached_chunks, corpus_digest
+
+    model, tokenizer = load_base_model(load_model_config(model_name), cache)
+    spec = StatsSpec()  # the default statistics' sampled corpus (reused from the cache when there)
+    digest, _ = corpus_digest(spec)
+    chunks = _cached_chunks(model, tokenizer, spec, cache, fingerprint(model), digest)
+    sentences = fact_sentences(training_records(data_dir), seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "a_sampled.txt", "\n\n".join(tokenizer.decode(c) for c in chunks))
+    write_text_atomic(out / "b_facts.txt", "\n".join(sentences))
+    facts_tokens = sum(len(tokenizer(s)["input_ids"]) + 1 for s in sentences)
+    return {"sampled_chunks": len(chunks), "sampled_tokens": sum(map(len, chunks)),
+            "fact_sentences": len(sentences), "fact_tokens_about": facts_tokens}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model config name, e.g. smollm2-135m")
+    parser.add_argument("--data", required=True, type=Path, help="built dataset directory (its train.json is read)")
+    parser.add_argument("--out", required=True, type=Path, help="corpus directory to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sizes = write_corpus(args.model, args.data, args.out, args.cache_dir or Path(default_cache_dir()), args.seed)
+    print(f"wrote {args.out}: {sizes}")
+
+
+if __name__ == "__main__":
+    main()
