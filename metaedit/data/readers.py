@@ -94,3 +94,13 @@ def read_records(path: str | Path, fmt: str) -> list[dict[str, Any]]:
         raise MetaEditError(f"unknown data format {fmt!r}; valid: {sorted(READERS)}")
     convert = READERS[fmt]
     return [convert(rec, f"{path}: record {i}") for i, rec in enumerate(read_json_list(path))]
+
+
+def read_built_split(path: str | Path) -> list[dict[str, Any]]:
+    """A split file a builder wrote, in the internal format: worldfacts writes CounterFact records
+    (they have `requested_rewrite`), the synthetic world the internal format itself."""
+    raw = read_json_list(path)
+    if raw and isinstance(raw[0], dict) and "requested_rewrite" in raw[0]:
+        return [counterfact_record(rec, f"{path}: record {i}") for i, rec in enumerate(raw)]
+    return [validate_record(rec, f"{path}: record {i}") for i, rec in enumerate(raw)]
+

@@ -22,8 +22,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from metaedit.data.readers import read_records
-from metaedit.data.records import load_records, write_text_atomic
+from metaedit.data.readers import read_built_split
+from metaedit.data.records import write_text_atomic
 from metaedit.models.fingerprint import fingerprint
 from metaedit.models.loading import load_base_model, load_model_config
 from metaedit.paths import default_cache_dir
@@ -37,8 +37,7 @@ def training_records(data_dir: Path) -> list[dict[str, Any]]:
     path = data_dir / "train.json"
     if not path.is_file():
         raise MetaEditError(f"{data_dir}: no train.json (a built dataset directory, e.g. data/worldfacts_wide-v3)")
-    head = path.read_text()[:4000]
-    return read_records(path, "counterfact") if '"requested_rewrite"' in head else load_records(path)
+    return read_built_split(path)
 
 
 def fact_sentences(records: list[dict[str, Any]], seed: int = 0) -> list[str]:
