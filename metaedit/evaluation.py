@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 import resource
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from metaedit.data.datamodule import EditDataModule
-from metaedit.data.records import digest
+from metaedit.data.records import digest, write_text_atomic
 from metaedit.editors.base import Editor
 from metaedit.metrics import MAX_ROWS, MetricAccumulator, evaluate_edit_batch
 from metaedit.progress import Progress
-from metaedit.protocols import Protocol
+from metaedit.protocols import Protocol, SequenceCheckpoint
 from metaedit.types import MetaEditError
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,16 @@ def peak_memory_mb(device: torch.device) -> float:
 def evaluate_editor(
     editor: Editor, data: EditDataModule, split: str = "test", limit: int | None = None, fluency_tokens: int = 0,
     time_reference: bool = False, protocol: Protocol | None = None, max_rows: int = MAX_ROWS,
+    save_sequences: str | Path | None = None,
 ) -> dict[str, Any]:
     """Exact-mode metrics (and token-mode beside them, labelled) over `split`; CounterFact scores when
     the records have true objects, fluency from `fluency_tokens`-token generations when > 0.
 
     `protocol` (DESIGN §3) says how the records' edits reach the model: the records are taken in
     groups of `protocol.n`, each group edited from the unedited model and scored on all its edits.
-    Default: groups of the data's `eval_n_edits` applied together (single when 1).
+    Default: groups of the data's `eval_n_edits` applied together (single when 1). With
+    `save_sequences` (a path prefix), each sequential group saves its running edit to
+    `<prefix>.group<i>.safetensors` and a re-run resumes from it (`SequenceCheckpoint`).
     """
     protocol = protocol or Protocol.together(data.eval_n_edits)
     acc = MetricAccumulator()
@@ -54,7 +58,10 @@ def evaluate_editor(
     every = max(1, -(-len(scored) // 10))  # a line per ~10% of the records
     next_line = every
     for i, batch in enumerate(data.loader(split, limit=limit, shuffle=False, batch_size=protocol.n)):
-        outcome = evaluate_edit_batch(editor, batch.to(device), fluency_tokens, time_reference, protocol, max_rows)
+        checkpoint = (SequenceCheckpoint(f"{save_sequences}.group{i}.safetensors")
+                      if save_sequences is not None and protocol.name == "sequential" else None)
+        outcome = evaluate_edit_batch(editor, batch.to(device), fluency_tokens, time_reference, protocol, max_rows,
+                                      checkpoint)
         acc.add(outcome)
         relation = records[i].get("relation") if records else None
         if relation:
@@ -123,7 +130,6 @@ def format_report(report: dict[str, Any]) -> str:
 def run_evaluation(cfg: Any) -> dict[str, Any]:
     """What `python evaluate.py` does: load the editor, evaluate a split, print and write JSON."""
     import json
-    from pathlib import Path
 
     from hydra.utils import instantiate
 
@@ -133,13 +139,13 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
     editor = load_editor(editor_dir, force=cfg.force, device=cfg.device, cache_dir=cfg.paths.cache_dir)
     protocol = protocol_from(cfg)
     data = instantiate(cfg.data, formatter=editor.formatter, eval_n_edits=protocol.n, _recursive_=False)
+    out = Path(cfg.output) if cfg.output else editor_dir / f"eval-{data.name}-{cfg.split}.json"
     report = evaluate_editor(editor, data, split=cfg.split, limit=cfg.limit, fluency_tokens=cfg.fluency_tokens,
                              time_reference=cfg.time_reference, protocol=protocol,
-                             max_rows=int(cfg.get("max_rows") or MAX_ROWS))
+                             max_rows=int(cfg.get("max_rows") or MAX_ROWS),
+                             save_sequences=out.with_suffix(".sequence") if cfg.get("resume", True) else None)
     report["editor_dir"], report["editor_digest"] = str(editor_dir), editor_digest(editor_dir)
-    out = Path(cfg.output) if cfg.output else editor_dir / f"eval-{data.name}-{cfg.split}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_text_atomic(out, json.dumps(report, indent=1))
     print(format_report(report), flush=True)
     print(f"metrics written to {out}", flush=True)
     return report

@@ -33,7 +33,7 @@ from metaedit.losses import (
     token_kl_rows,
 )
 from metaedit.prefix import FrozenPrefix, frozen_prefix, with_prefix, with_prefixes
-from metaedit.protocols import Protocol, apply_protocol
+from metaedit.protocols import Protocol, SequenceCheckpoint, apply_protocol
 from metaedit.types import EditBatch, LMBatch
 
 EXACT_KEYS = ("edit_acc", "rephrase_acc", "loc_retain", "drawdown")
@@ -158,7 +158,7 @@ def score_rows(
 @torch.no_grad()
 def evaluate_edit_batch(
     editor: Editor, batch: EditBatch, fluency_tokens: int = 0, time_reference: bool = False,
-    protocol: Protocol | None = None, max_rows: int = MAX_ROWS,
+    protocol: Protocol | None = None, max_rows: int = MAX_ROWS, checkpoint: SequenceCheckpoint | None = None,
 ) -> dict[str, Tensor]:
     """Per-example outcomes for one group of edits, plus edit_ms and the losses.
 
@@ -169,14 +169,15 @@ def evaluate_edit_batch(
     With the CounterFact batches present (records with a true object) it adds es / ps / ns; with
     `fluency_tokens` > 0 and generation prompts, the n-gram entropy of greedy generations; with
     `time_reference`, the time of one plain forward+backward of the base on one step's edits
-    (`fwd_bwd_ms`, right after the edit so both see the same machine state).
+    (`fwd_bwd_ms`, right after the edit so both see the same machine state). A sequential group
+    with `checkpoint` saves itself part-way and resumes (`apply_protocol`); the file goes once scored.
     """
     protocol = protocol or Protocol.together(batch.n_edits)
     # Measurement passes replay only the edited tail when that is exact (metaedit.prefix); the edit
     # itself (timed) gets no precomputed prefix.
     runner = frozen_prefix(editor.model, [p.name for p in editor.inner_params])
     pre = pre_edit_state(editor, batch.loc, runner, max_rows)
-    edited, edit_ms, _ = apply_protocol(editor, batch, protocol)
+    edited, edit_ms, _ = apply_protocol(editor, batch, protocol, checkpoint)
     ref_ms = (time_forward_backward(editor.model, _rows(batch.edit, 0, min(len(batch.edit), protocol.step)), max_rows)
               if time_reference else None)
     cf = [b for b in (batch.edit_true, batch.inscope_true, batch.loc_new) if b is not None]
@@ -207,6 +208,8 @@ def evaluate_edit_batch(
     if fluency_tokens > 0 and batch.generation_prompts and editor.formatter is not None:
         texts = generate_texts(edited, editor.formatter, batch.generation_prompts, fluency_tokens)
         out["fluency"] = torch.tensor([ngram_entropy(t) for t in texts])
+    if checkpoint is not None:
+        checkpoint.remove()
     return out
 
 

@@ -12,16 +12,24 @@ logits outside any sequence).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from metaedit.editors.base import Editor
 from metaedit.functional import EditedModel
+from metaedit.models.fingerprint import fingerprint
 from metaedit.progress import Progress
-from metaedit.types import EditBatch, MetaEditError
+from metaedit.types import EditBatch, EditRequest, MetaEditError, SequenceState
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +78,70 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def apply_protocol(editor: Editor, batch: EditBatch, protocol: Protocol) -> tuple[EditedModel, float, int]:
+class SequenceCheckpoint:
+    """A long sequence saved part-way, so a killed run continues from its last save.
+
+    One safetensors file (written to a temporary name, then renamed: a reader sees a whole file or
+    none) holds the edited parameters, the editor's sequence state (AlphaEdit's K_p K_pᵀ) and, in
+    its metadata, the steps done, their times and a key of what the sequence is (method,
+    hyper-parameters, base fingerprint, requests, step size). A file with another key is not used:
+    the sequence starts over and overwrites it.
+    """
+
+    FORMAT = "metaedit-sequence/1"
+
+    def __init__(self, path: str | Path, every: int = 0) -> None:
+        self.path = Path(path)
+        self.every = every  # steps between saves; 0: about every 5 % of the sequence
+
+    @staticmethod
+    def key(editor: Editor, requests: Sequence[EditRequest], batch_size: int) -> str:
+        what = {"method": editor.method, "hparams": editor.hparams(), "base": fingerprint(editor.model),
+                "batch": batch_size, "requests": [asdict(r) for r in requests]}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def load(self, key: str, device: torch.device) -> tuple[SequenceState, list[float]] | None:
+        """The saved state and step times when the file holds this sequence; else None."""
+        if not self.path.is_file():
+            return None
+        try:
+            with safe_open(str(self.path), framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != self.FORMAT or meta.get("key") != key:
+                    log.warning("%s was saved for another sequence (other edits, settings or base); "
+                                "starting this one from its first step", self.path)
+                    return None
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            steps, times = int(meta["steps"]), [float(t) for t in json.loads(meta["times_ms"])]
+        except (OSError, ValueError, KeyError) as e:  # safetensors reports a damaged file as OSError/ValueError
+            log.warning("cannot read the saved sequence %s (%s); starting from the first step", self.path, e)
+            return None
+        part = {kind: {n.split("/", 1)[1]: t for n, t in tensors.items() if n.startswith(kind + "/")}
+                for kind in ("params", "state")}
+        return SequenceState(steps, part["params"], part["state"]), times
+
+    def save(self, key: str, state: SequenceState, times_ms: list[float]) -> None:
+        tensors = {f"params/{n}": t for n, t in state.params.items()}
+        tensors.update({f"state/{n}": t for n, t in state.editor_state.items()})
+        tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
+        meta = {"format": self.FORMAT, "key": key, "steps": str(state.steps), "times_ms": json.dumps(times_ms)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def apply_protocol(editor: Editor, batch: EditBatch, protocol: Protocol,
+                   checkpoint: SequenceCheckpoint | None = None) -> tuple[EditedModel, float, int]:
     """The model edited with every edit of `batch` under `protocol`; also the mean milliseconds per
-    step (one `apply_edits` call) and the number of steps."""
+    step (one `apply_edits` call) and the number of steps.
+
+    With `checkpoint`, a sequential run saves itself every few steps (and after its last step) and
+    resumes from a save of the same sequence; the step times of a resumed run include the saved
+    ones. The caller removes the file once the group is scored."""
     device = editor.device
     if protocol.name != "sequential":
         _sync(device)
@@ -80,21 +149,33 @@ def apply_protocol(editor: Editor, batch: EditBatch, protocol: Protocol) -> tupl
         edited = editor.apply_edits(batch.edit, batch.requests)
         _sync(device)
         return edited, (time.perf_counter() - t0) * 1000, 1
-    times: list[float] = []
-    last = [time.perf_counter()]
     n_steps = -(-len(batch.requests) // protocol.batch)
-    progress = Progress(n_steps, unit="step", noun=f"sequential steps of {protocol.batch}")
+    times: list[float] = []
+    resume, key = None, None
+    if checkpoint is not None and editor.resumable_sequences:
+        key = SequenceCheckpoint.key(editor, batch.requests, protocol.batch)
+        loaded = checkpoint.load(key, device)
+        if loaded is not None:
+            resume, times = loaded[0], loaded[1]
+            log.info("%s: resuming the sequence after step %d of %d (%s)", editor.method, resume.steps, n_steps,
+                     checkpoint.path)
+    start = resume.steps if resume is not None else 0
+    last = [time.perf_counter()]
+    progress = Progress(n_steps, unit="step", noun=f"sequential steps of {protocol.batch}", start=start)
     every = max(1, n_steps // 20)  # a long sequence (1000 locate-then-edit edits: hours) says where it is
+    save_every = (checkpoint.every if checkpoint is not None and checkpoint.every > 0 else every)
 
     def tick(k: int, current: EditedModel) -> None:
         _sync(device)
-        now = time.perf_counter()
-        times.append((now - last[0]) * 1000)
-        last[0] = now
+        times.append((time.perf_counter() - last[0]) * 1000)
         if n_steps >= 10 and ((k + 1) % every == 0 or k + 1 == n_steps):
             log.info("%s: %s", editor.method, progress.line(k + 1))
+        if key is not None and ((k + 1) % save_every == 0 or k + 1 == n_steps):
+            assert checkpoint is not None
+            checkpoint.save(key, SequenceState(k + 1, dict(current.params), editor.sequence_state()), times)
+        last[0] = time.perf_counter()  # the save is not part of the next step's time
 
     _sync(device)
     last[0] = time.perf_counter()
-    edited = editor.edit_sequential(batch.requests, after_each=tick, batch_size=protocol.batch)
+    edited = editor.edit_sequential(batch.requests, after_each=tick, batch_size=protocol.batch, resume=resume)
     return edited, sum(times) / max(1, len(times)), len(times)

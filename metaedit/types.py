@@ -56,6 +56,16 @@ class EditRequest:
 
 
 @dataclass
+class SequenceState:
+    """A sequence of edits part-way: the edited parameters after its first `steps` steps (name ->
+    tensor, as `EditedModel.params`) and what the editor accumulated (`Editor.sequence_state`)."""
+
+    steps: int
+    params: dict[str, Tensor]
+    editor_state: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class LMBatch:
     """Tokenised (input, target) pairs in a family-independent layout.
 

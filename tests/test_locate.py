@@ -5,6 +5,7 @@ the target prediction while the base model stays untouched."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from metaedit.locate import arch, stats
 from metaedit.locate.solve import alphaedit_delta, null_space_projector, regularised, rome_delta
 from metaedit.locate.stats import StatsSpec, second_moments
 from metaedit.locate.tokens import subject_token_span
+from metaedit.protocols import Protocol, SequenceCheckpoint, apply_protocol
 from metaedit.types import EditRequest, MetaEditError
 from tests.test_editors import assert_unchanged, snapshot
 
@@ -299,6 +301,53 @@ def test_alphaedit_accumulates_keys_over_a_sequence_only(locate_editor):
     single = ed.apply_edits(None, [reqs[0]]).params[p.name]
     delta = arch.weight_out_in(single.double() - ed.model.get_parameter(p.name).double(), p)
     assert (delta @ k0).norm() < 1e-6 * delta.norm().clamp_min(1e-12) + 1e-8
+
+
+def test_a_killed_sequence_resumes_from_its_last_save(locate_editor, tmp_path, monkeypatch, caplog):
+    """A sequence saved part-way (edited weights + AlphaEdit's K_p K_pᵀ) and killed continues from the
+    save and ends where the uninterrupted sequence ends; a save of another sequence is not used."""
+    ed = locate_editor("alphaedit", "tiny-gpt2", null_space_threshold=1e-2, l2=0.1, v_steps=3)
+    group = SimpleNamespace(requests=one_token_requests(ed.tokenizer, 4))  # apply_protocol reads only .requests
+    protocol = Protocol("sequential", n=4, batch=1)
+    whole, _, _ = apply_protocol(ed, group, protocol)
+    whole_preserved = {k: v.clone() for k, v in ed.preserved.items()}
+
+    calls, kill_at = [], [3]
+    real = ed.apply_edits
+
+    def killed_at_third(edit, requests):
+        calls.append(requests[0].prompt)
+        if len(calls) == kill_at[0]:
+            raise RuntimeError("killed")
+        return real(edit, requests)
+
+    saved = SequenceCheckpoint(tmp_path / "seq.safetensors", every=2)
+    monkeypatch.setattr(ed, "apply_edits", killed_at_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        apply_protocol(ed, group, protocol, saved)
+    key = SequenceCheckpoint.key(ed, group.requests, 1)
+    state, times = saved.load(key, torch.device("cpu"))
+    assert state.steps == 2 and len(times) == 2 and set(state.editor_state) == {f"preserved.{ell}" for ell in ed.layers}
+
+    calls.clear()
+    resumed, edit_ms, n_steps = apply_protocol(ed, group, protocol, saved)
+    assert calls == [r.prompt for r in group.requests[2:]]  # only the steps after the save ran again
+    assert n_steps == 4 and edit_ms > 0  # the saved steps' times are kept
+    assert set(resumed.params) == set(whole.params)
+    for name, value in whole.params.items():
+        torch.testing.assert_close(resumed.params[name], value, rtol=1e-4, atol=1e-5)
+    for layer, gram in whole_preserved.items():
+        torch.testing.assert_close(ed.preserved[layer], gram)
+
+    # The same file for other edits (another order): not used, the sequence starts over.
+    calls.clear()
+    kill_at[0] = 0
+    other = SimpleNamespace(requests=list(reversed(group.requests)))
+    with caplog.at_level("WARNING"):
+        apply_protocol(ed, other, protocol, saved)
+    assert len(calls) == 4 and "saved for another sequence" in caplog.text
+    saved.remove()
+    assert not saved.path.exists()
 
 
 def test_bad_value_shift_precision_is_refused(locate_editor):

@@ -42,14 +42,16 @@ def test_sequential_protocol_counts_an_overwritten_edit_as_a_failure(make_editor
 
 
 @pytest.mark.parametrize("method", ["ft", "mend"])
-def test_batch_protocol_scores_every_edit_of_the_group(make_editor, make_data, method):
+def test_batch_protocol_scores_every_edit_of_the_group(make_editor, make_data, method, tmp_path):
     ed = make_editor(method, "tiny-gpt2", **({"steps": 3} if method == "ft" else {}))
     data = make_data(ed.formatter)
     report = evaluate_editor(ed, data, limit=6, protocol=Protocol("batch", n=3))
     assert report["metrics"]["n_edits"] == 6
     assert (report["protocol"], report["n"], report["batch"], report["edits_per_batch"]) == ("batch", 3, 1, 3)
-    seq = evaluate_editor(ed, data, limit=6, protocol=Protocol("sequential", n=6, batch=2))
+    seq = evaluate_editor(ed, data, limit=6, protocol=Protocol("sequential", n=6, batch=2),
+                          save_sequences=tmp_path / "run.sequence")
     assert seq["metrics"]["n_edits"] == 6 and (seq["protocol"], seq["n"], seq["batch"]) == ("sequential", 6, 2)
+    assert not list(tmp_path.iterdir())  # the part-way save of the sequence is gone once it is scored
 
 
 def test_chunked_scoring_equals_one_stacked_forward(make_editor, make_data):

@@ -15,7 +15,7 @@ from metaedit.data.formatting import Formatter
 from metaedit.editors.checkpoint import save_editor
 from metaedit.functional import EditedModel, forward_logits, swapped_params
 from metaedit.models.inner_params import InnerParam
-from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
+from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError, SequenceState
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -50,6 +50,10 @@ class Editor(nn.Module, ABC):
     # leaves them unset: hparam -> dotted key in the model config (e.g. the layers a
     # locate-then-edit method edits, which depend on the model). Filled in by build_editor.
     hparams_from_model: ClassVar[dict[str, str]] = {}
+    # Whether a long sequence of this editor's edits can be saved part-way and resumed
+    # (`edit_sequential(resume=...)`, `sequence_state`); an editor whose sequence is no chain of
+    # parameter updates (SERAC's memory appends) says no.
+    resumable_sequences: ClassVar[bool] = True
 
     def __init__(self, model: PreTrainedModel, inner_params: Sequence[InnerParam]) -> None:
         super().__init__()
@@ -156,18 +160,27 @@ class Editor(nn.Module, ABC):
         requests: Iterable[EditRequest | Mapping[str, Any] | Sequence[str]],
         after_each: Callable[[int, EditedModel], None] | None = None,
         batch_size: int = 1,
+        resume: SequenceState | None = None,
     ) -> EditedModel:
         """Apply requests `batch_size` at a time, each batch to the model as already edited by the
         previous ones (batch_size=1: one edit after another).
 
         Each step runs inside `editing_from(running edit)`, so the editor sees the edited weights
         while the caller's model stays unchanged. `after_each(k, edited)` is called after the k-th
-        step (e.g. to evaluate or time it). State an editor accumulates over a sequence is reset
-        first (`reset_sequence`).
+        step (e.g. to evaluate, time or checkpoint it). State an editor accumulates over a sequence
+        is reset first (`reset_sequence`). `resume` (a `SequenceState` saved after step
+        `resume.steps - 1` of the same requests) skips the steps it holds and continues from its
+        edited parameters and editor state, ending where the uninterrupted sequence ends.
         """
         self.reset_sequence()
         params: dict[str, Tensor] = {}
+        start = 0
+        if resume is not None:
+            self.load_sequence_state(resume.editor_state)
+            params, start = dict(resume.params), resume.steps
         for k, step_requests in enumerate(batched(requests, batch_size)):
+            if k < start:
+                continue
             with self.editing_from(params):
                 step = self.edit(step_requests)
             params.update(step.params)
@@ -180,6 +193,16 @@ class Editor(nn.Module, ABC):
         keeps the keys of earlier edits so later ones leave them alone). `edit_sequential` calls
         it before its first edit; a caller driving `editing_from` by hand calls it at the start of
         each new sequence."""
+
+    def sequence_state(self) -> dict[str, Tensor]:
+        """What the editor has accumulated over the current sequence, as named tensors, so a long
+        sequence can be saved part-way and resumed (`load_sequence_state`). Default: nothing."""
+        return {}
+
+    def load_sequence_state(self, state: Mapping[str, Tensor]) -> None:
+        """Restore what `sequence_state` returned (after `reset_sequence`)."""
+        if state:
+            raise MetaEditError(f"{self.method} keeps no sequence state, but a saved sequence holds {sorted(state)[:3]}")
 
     @contextmanager
     def editing_from(self, params: Mapping[str, Tensor]) -> Iterator[None]:

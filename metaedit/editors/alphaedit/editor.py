@@ -3,7 +3,7 @@ preserved knowledge, with the keys of earlier edits kept across a sequence."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -57,6 +57,19 @@ class AlphaEditEditor(LocateEditor):
 
     def reset_sequence(self) -> None:
         self.preserved = {}
+
+    def sequence_state(self) -> dict[str, Tensor]:
+        return {f"preserved.{layer}": gram for layer, gram in self.preserved.items()}
+
+    def load_sequence_state(self, state: Mapping[str, Tensor]) -> None:
+        layers = {}
+        for name, gram in state.items():
+            kind, _, layer = name.partition(".")
+            if kind != "preserved" or not layer.isdigit() or int(layer) not in self.layers:
+                raise MetaEditError(f"alphaedit: a saved sequence holds {name!r}; this editor keeps "
+                                    f"preserved.<layer> for layers {list(self.layers)}")
+            layers[int(layer)] = gram.double()
+        self.preserved = layers
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
         if not requests:

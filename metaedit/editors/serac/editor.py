@@ -21,7 +21,7 @@ from metaedit.functional import EditedModel
 from metaedit.losses import nll
 from metaedit.models.fingerprint import fingerprint
 from metaedit.models.inner_params import InnerParam
-from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
+from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError, SequenceState
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class SERACEditor(Editor):
     """
 
     method = "serac"
+    resumable_sequences = False  # memory appends: seconds even for thousands of edits
 
     def __init__(
         self,
@@ -154,8 +155,12 @@ class SERACEditor(Editor):
         requests: Iterable[EditRequest | Mapping[str, Any] | Sequence[str]],
         after_each: Callable[[int, EditedModel], None] | None = None,
         batch_size: int = 1,
+        resume: SequenceState | None = None,
     ) -> SERACEditedModel:
-        """Sequential edits are appends to one memory (no weights change between them)."""
+        """Sequential edits are appends to one memory (no weights change between them). Appends
+        take seconds even for thousands of edits, so a sequence is not saved part-way."""
+        if resume is not None:
+            raise MetaEditError("serac: a sequence of memory appends is not resumed; run it again")
         edited = self.empty()
         for k, step_requests in enumerate(batched(requests, batch_size)):
             edited.add(step_requests)
