@@ -32,9 +32,11 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
         noun = f" {self.noun}" if self.noun else ""
+        # A slow loop (a 1000-edit sequence: ~70 s a step) reads as seconds per unit, not "0.01 step/s".
+        speed = f"{1 / rate:.1f} s/{self.unit}" if 0 < rate < 0.1 else f"{rate:.2f} {self.unit}/s"
         if self.total is None:
-            return f"{done}{noun} {rate:.2f} {self.unit}/s"
-        text = f"{done}/{self.total}{noun} ({100 * done / self.total:.1f}%) {rate:.2f} {self.unit}/s"
+            return f"{done}{noun} {speed}"
+        text = f"{done}/{self.total}{noun} ({100 * done / self.total:.1f}%) {speed}"
         if done >= self.total:
             text += f" in {format_duration(elapsed)}"
         elif rate > 0:

@@ -23,6 +23,9 @@ def test_durations_and_lines_are_formatted():
     resumed = Progress(1200, start=100)
     resumed.t0 -= 100.0
     assert resumed.line(125) == "125/1200 (10.4%) 0.25 it/s ETA 1h11m"  # rate of this run's 25 steps only
+    slow = Progress(100, unit="step", noun="sequential steps of 10")
+    slow.t0 -= 700.0
+    assert slow.line(10) == "10/100 sequential steps of 10 (10.0%) 70.0 s/step ETA 1h45m"
 
 
 def test_evaluation_logs_progress_with_counts_and_eta(make_editor, make_data, caplog):
