@@ -84,7 +84,7 @@ class SequenceCheckpoint:
     One safetensors file (written to a temporary name, then renamed: a reader sees a whole file or
     none) holds the edited parameters, the editor's sequence state (AlphaEdit's K_p K_pᵀ) and, in
     its metadata, the steps done, their times and a key of what the sequence is (method,
-    hyper-parameters, base fingerprint, requests, step size). A file with another key is not used:
+    hyper-parameters, editor and base weights, requests, step size). A file with another key is not used:
     the sequence starts over and overwrites it.
     """
 
@@ -96,7 +96,9 @@ class SequenceCheckpoint:
 
     @staticmethod
     def key(editor: Editor, requests: Sequence[EditRequest], batch_size: int) -> str:
+        # The editor's own weights too: a retrained editor with the same settings is another sequence.
         what = {"method": editor.method, "hparams": editor.hparams(), "base": fingerprint(editor.model),
+                "editor": fingerprint(editor),
                 "batch": batch_size, "requests": [asdict(r) for r in requests]}
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
