@@ -55,8 +55,6 @@ def evaluate_editor(
     editor.eval()
     device = editor.device
     progress = Progress(len(scored), unit="rec", noun="records")
-    every = max(1, -(-len(scored) // 10))  # a line per ~10% of the records
-    next_line = every
     for i, batch in enumerate(data.loader(split, limit=limit, shuffle=False, batch_size=protocol.n)):
         checkpoint = (SequenceCheckpoint(f"{save_sequences}.group{i}.safetensors")
                       if save_sequences is not None and protocol.name == "sequential" else None)
@@ -67,9 +65,8 @@ def evaluate_editor(
         if relation:
             by_relation.setdefault(relation, MetricAccumulator()).add(outcome)
         done = min((i + 1) * protocol.n, len(scored))
-        if done >= next_line or done == len(scored):
+        if progress.due(done):  # a line per ~10% of the records
             log.info("evaluate: %s edit_acc so far %.3f", progress.line(done), acc.mean("edit_exact"))
-            next_line = (done // every + 1) * every
     metrics = acc.summary()
     metrics["peak_mem_mb"] = peak_memory_mb(device)
     metrics.update(editor.one_off_costs())

@@ -9,6 +9,7 @@ find the base model's own greedy answer for out-of-scope inputs.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -33,8 +34,11 @@ from metaedit.losses import (
     token_kl_rows,
 )
 from metaedit.prefix import FrozenPrefix, frozen_prefix, with_prefix, with_prefixes
+from metaedit.progress import Progress
 from metaedit.protocols import Protocol, SequenceCheckpoint, apply_protocol
 from metaedit.types import EditBatch, LMBatch
+
+log = logging.getLogger(__name__)
 
 EXACT_KEYS = ("edit_acc", "rephrase_acc", "loc_retain", "drawdown")
 
@@ -127,14 +131,19 @@ def pre_edit_state(editor: Editor, loc: LMBatch, runner: FrozenPrefix | None, ma
 @torch.no_grad()
 def score_rows(
     editor: Editor, edited: EditedModel, batches: Sequence[LMBatch], runner: FrozenPrefix | None,
-    kl_against: dict[int, Tensor | None] | None = None, max_rows: int = MAX_ROWS,
+    kl_against: dict[int, Tensor | None] | None = None, max_rows: int = MAX_ROWS, report_rows: int = 2000,
 ) -> list[dict[str, Tensor]]:
     """Per-row outcomes of `edited` on every row of `batches`, from stacked forwards of at most
     `max_rows` rows: exact / token correctness, mean target log-prob, summed NLL and target-token
     count; for the batches named in `kl_against` (index -> their base logits, or None to recompute)
-    also the summed KL from the unedited model and its position count."""
+    also the summed KL from the unedited model and its position count. From `report_rows` rows on,
+    progress lines (~10 %) go to the log."""
     kl_against = kl_against or {}
     parts: list[dict[str, list[Tensor]]] = [{} for _ in batches]
+    # A group of many edits (1000: ~20k rows, tens of minutes here) says where its scoring is.
+    n_rows = sum(len(b) for b in batches)
+    progress = Progress(n_rows, unit="row", noun="rows scored") if n_rows >= report_rows else None
+    done = 0
     for group in row_ranges([len(b) for b in batches], max_rows):
         pieces = with_prefixes(runner, [_rows(batches[i], a, b) for i, a, b in group])
         for (i, a, b), piece, logits in zip(group, pieces, post_edit_logits(edited, *pieces)):
@@ -150,6 +159,9 @@ def score_rows(
                 stats["kl"], stats["kl_positions"] = token_kl_rows(pre, logits, piece.kl_mask)
             for k, v in stats.items():
                 parts[i].setdefault(k, []).append(v.float().cpu())
+        done += sum(b - a for _, a, b in group)
+        if progress is not None and progress.due(done):
+            log.info("scoring: %s", progress.line(done))
     keys = ("exact", "token", "logprob", "nll", "n_tokens")
     return [{k: torch.cat(p[k]) if k in p else torch.zeros(0) for k in (*keys, *(("kl", "kl_positions") if i in kl_against else ()))}
             for i, p in enumerate(parts)]

@@ -26,6 +26,18 @@ class Progress:
         self.total = total if total and total > 0 else None
         self.unit, self.noun, self.start = unit, noun, start
         self.t0 = time.perf_counter()
+        self._last_mark = -1
+
+    def due(self, done: int, lines: int = 10) -> bool:
+        """Whether a line is due at `done`: once per `lines`-th of the total crossed (a batch that
+        finishes several units at once still gives one line) and at the end; never twice for a mark."""
+        if self.total is None:
+            return False
+        mark = self.total if done >= self.total else done // max(1, -(-self.total // lines))
+        if mark <= self._last_mark or (mark == 0 and done < self.total):
+            return False
+        self._last_mark = mark
+        return True
 
     def line(self, done: int) -> str:
         """E.g. "40/200 records (20.0%) 1.30 rec/s ETA 2m03s"."""

@@ -4,6 +4,8 @@ the target prediction while the base model stays untouched."""
 
 from __future__ import annotations
 
+import logging
+
 import json
 from types import SimpleNamespace
 
@@ -379,6 +381,18 @@ def test_value_shifts_are_cached_on_the_unedited_model_only(tiny, tmp_path, monk
     assert all(torch.equal(a, b) for a, b in zip(again, fresh))
     memit.edit_sequential(reqs[1:], batch_size=1)  # reqs[2] is new: computed on an edited model, not cached
     assert sorted((tmp_path / "values").rglob("*.safetensors")) == files
+
+
+def test_a_large_batch_logs_its_value_shifts_and_layers(locate_editor, monkeypatch, caplog):
+    """A batch of many edits (1000: ~45 min of value shifts, minutes per layer) logs both phases."""
+    memit = locate_editor("memit", layers=[1, 2], v_steps=2)
+    monkeypatch.setattr(type(memit), "report_from", 2)  # as if 2 edits were a large batch
+    with caplog.at_level(logging.INFO, logger="metaedit.editors.locate_then_edit"):
+        memit.edit(one_token_requests(memit.tokenizer, 2))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("memit: 2/2 value shifts (100.0%)") for m in lines)
+    assert [m.split(" (")[0] for m in lines if "layers read and solved" in m] == [
+        "memit: 1/2 layers read and solved", "memit: 2/2 layers read and solved"]
 
 
 def test_processes_share_a_batch_through_value_claims(tmp_path):

@@ -7,9 +7,11 @@ import logging
 import re
 
 import pytorch_lightning as pl
+import torch
 
 from metaedit.callbacks import ProgressLog
 from metaedit.evaluation import evaluate_editor
+from metaedit.metrics import score_rows
 from metaedit.progress import Progress, format_duration
 from metaedit.system import EditorSystem
 
@@ -26,6 +28,28 @@ def test_durations_and_lines_are_formatted():
     slow = Progress(100, unit="step", noun="sequential steps of 10")
     slow.t0 -= 700.0
     assert slow.line(10) == "10/100 sequential steps of 10 (10.0%) 70.0 s/step ETA 1h45m"
+
+    # due(): one line per tenth crossed (a chunk finishing several units at once gives one), and the end.
+    ticks = Progress(100)
+    assert [d for d in (5, 10, 12, 35, 36, 99, 100, 100) if ticks.due(d)] == [10, 35, 99, 100]
+    assert [d for d in (1, 2, 3) if Progress(3).due(d)] == [1, 2, 3]
+    assert not Progress(None).due(5)
+
+
+def test_scoring_a_large_group_logs_progress(make_editor, make_data, caplog):
+    """A group of many edits is scored in row chunks for minutes: the chunks say where it is."""
+    editor = make_editor("ft", steps=0)
+    batch = next(iter(make_data(editor.formatter, eval_n_edits=1).loader("test", limit=20, shuffle=False,
+                                                                         batch_size=20)))
+    edited = editor.edit(batch.requests)
+    with caplog.at_level(logging.INFO, logger="metaedit.metrics"):
+        quiet = score_rows(editor, edited, [batch.edit, batch.inscope], None, max_rows=8)
+        assert not caplog.records  # below report_rows
+        loud = score_rows(editor, edited, [batch.edit, batch.inscope], None, max_rows=8, report_rows=1)
+    lines = [r.getMessage() for r in caplog.records]
+    n_rows = len(batch.edit) + len(batch.inscope)
+    assert len(lines) >= 3 and lines[-1].startswith(f"scoring: {n_rows}/{n_rows} rows scored (100.0%)")
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(quiet, loud) for k in a)
 
 
 def test_evaluation_logs_progress_with_counts_and_eta(make_editor, make_data, caplog):

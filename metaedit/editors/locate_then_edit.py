@@ -64,6 +64,7 @@ class LocateEditor(Editor):
                                                      "n_contexts": "locate.n_contexts",
                                                      "prompt_key": "locate.prompt_key"}
     default_n_layers: ClassVar[int] = 1
+    report_from: ClassVar[int] = 50  # edits in one batch from which its phases log progress lines
 
     def __init__(
         self,
@@ -242,11 +243,10 @@ class LocateEditor(Editor):
         Outside a sequence (the model unedited) shifts go through the value cache, which also lets
         several processes editing the same batch split the work (metaedit/locate/value_cache.py)."""
         progress = Progress(len(requests), unit="edit", noun="value shifts")
-        every = max(1, len(requests) // 10)
 
         def report(i: int) -> None:
             # (a sequence's steps of a few edits are reported by the protocol instead)
-            if len(requests) >= 50 and (i % every == 0 or i == len(requests)):
+            if len(requests) >= self.report_from and progress.due(i):
                 log.info("%s: %s", self.method, progress.line(i))
 
         if self._in_sequence:
@@ -276,6 +276,8 @@ class LocateEditor(Editor):
         z = h0 + self.per_key(torch.stack(self.deltas(requests, last), dim=1))
         params: dict[str, Tensor] = {}
         used: dict[int, Tensor] = {}
+        # Reading the keys of a large batch takes minutes per layer (1000 edits: ~3 min here).
+        progress = Progress(len(self.layers), unit="layer", noun="layers read and solved")
         for j, ell in enumerate(self.layers):
             keys, h = self.read(requests, params, key_layers=[ell], out_layer=last)
             assert h is not None
@@ -285,6 +287,8 @@ class LocateEditor(Editor):
             d = self.layer_delta(ell, keys[ell], residual, w)
             params[p.name] = (arch.stored(w.to(torch.float64) + d, p)).to(w.dtype)
             used[ell] = keys[ell]
+            if len(requests) >= self.report_from:
+                log.info("%s: %s", self.method, progress.line(j + 1))
         return params, used
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
