@@ -23,6 +23,7 @@ from metaedit.evaluation import evaluate_editor, format_report
 from metaedit.models.loading import load_base_model
 from metaedit.precision import resolve_precision
 from metaedit.system import EditorSystem
+from metaedit.types import MetaEditError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,39 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+# What a run's weights depend on: resuming its last.ckpt under other values of these would continue
+# one editor while the run's config names another. (trainer.max_steps, budgets, logging may change:
+# continuing with a larger max_steps is what resuming is for.)
+IDENTITY_SECTIONS = ("method", "model", "data", "seed")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def _refuse_resuming_other_settings(run_dir: Path, cfg: DictConfig) -> None:
+    """Raise if `run_dir`'s last.ckpt was trained under other method / model / data / seed settings
+    than `cfg` (compared with the train_config.yaml the run wrote; runs older than it pass)."""
+    saved_file = run_dir / "train_config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_file))
+    now = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(saved, dict) and isinstance(now, dict)
+    old = _flat({k: saved.get(k) for k in IDENTITY_SECTIONS})
+    new = _flat({k: now.get(k) for k in IDENTITY_SECTIONS})
+    changed = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise MetaEditError(
+            f"{run_dir / 'last.ckpt'} was trained with other settings than this run's ({shown}); resuming it would "
+            f"continue that editor under this config. Use another run_name, or resume=false to train from scratch "
+            f"(overwrites {run_dir})")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Meta-train the configured editor; return the test report (or {} when evaluation is off)."""
     t_start = time.perf_counter()
@@ -63,6 +97,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data = instantiate(cfg.data, formatter=editor.formatter, _recursive_=False)
     run_dir = Path(cfg.paths.checkpoint_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and editor.trainable() and (run_dir / "last.ckpt").is_file():
+        _refuse_resuming_other_settings(run_dir, cfg)
     (run_dir / "train_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run %s: %d inner params, editor has %d trainable parameters", cfg.run_name,
              len(editor.inner_params), sum(p.numel() for p in editor.parameters() if p.requires_grad))

@@ -134,7 +134,8 @@ def test_training_logs_progress_lines_without_a_bar_when_not_a_terminal(tmp_path
 
 def test_continued_training_adds_the_earlier_training_time(tmp_path):
     """A run continued from its last.ckpt with a larger max_steps reports the whole run's training
-    time (earlier process + this one) in train_info.json, and says how much came before."""
+    time (earlier process + this one) in train_info.json, and says how much came before; continuing
+    it under other method settings is refused."""
     base = ["train.py", "method=mend", "model=tiny-gpt2", "data=synthetic", "evaluate_after=false", "logger=none",
             "trainer.val_check_interval=1000", "trainer.enable_progress_bar=false"]
     info_path = tmp_path / "checkpoints" / "mend-tiny-gpt2-synthetic" / "train_info.json"
@@ -147,3 +148,11 @@ def test_continued_training_adds_the_earlier_training_time(tmp_path):
     second = json.loads(info_path.read_text())
     assert second["steps"] == 4 and second["resumed_after_seconds"] == first["train_seconds"]
     assert second["train_seconds"] > first["train_seconds"]
+    # Other method settings under the same run_name: resuming would continue the old editor under a
+    # config that names another, so it is refused and the run's saved config stays as it was.
+    saved = (info_path.parent / "train_config.yaml").read_text()
+    res = run_cli([*base, "trainer.max_steps=6", "method.loss.c_loc=7.5"], tmp_path)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "was trained with other settings" in res.stderr and "method.loss.c_loc" in res.stderr
+    assert "-> 7.5" in res.stderr and "resume=false" in res.stderr
+    assert (info_path.parent / "train_config.yaml").read_text() == saved
