@@ -16,7 +16,7 @@ from metaedit.editors.base import Editor
 from metaedit.metrics import MAX_ROWS, MetricAccumulator, evaluate_edit_batch
 from metaedit.progress import Progress
 from metaedit.protocols import Protocol, SequenceCheckpoint
-from metaedit.types import MetaEditError
+from metaedit.types import EditBatch, MetaEditError
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ def evaluate_editor(
     if len(scored) % protocol.n:
         log.warning("evaluate: %d records is not a multiple of n=%d; the last group has %d edits",
                     len(scored), protocol.n, len(scored) % protocol.n)
-    # With one edit per group, group i is record i: its outcomes also go to its relation's accumulator.
-    records = scored if protocol.n == 1 else []
     by_relation: dict[str, MetricAccumulator] = {}
     editor.eval()
     device = editor.device
@@ -61,9 +59,11 @@ def evaluate_editor(
         outcome = evaluate_edit_batch(editor, batch.to(device), fluency_tokens, time_reference, protocol, max_rows,
                                       checkpoint)
         acc.add(outcome)
-        relation = records[i].get("relation") if records else None
-        if relation:
-            by_relation.setdefault(relation, MetricAccumulator()).add(outcome)
+        # Group i is records i·n ... i·n+n-1 (the loader does not shuffle): each row of its outcome also
+        # goes to the accumulator of the relation of the edit it belongs to.
+        relations = [r.get("relation") for r in scored[i * protocol.n: (i + 1) * protocol.n]]
+        for relation, part in outcome_by_relation(outcome, batch, relations).items():
+            by_relation.setdefault(relation, MetricAccumulator()).add(part)
         done = min((i + 1) * protocol.n, len(scored))
         if progress.due(done):  # a line per ~10% of the records
             log.info("evaluate: %s edit_acc so far %.3f", progress.line(done), acc.mean("edit_exact"))
@@ -89,6 +89,36 @@ def evaluate_editor(
     if len(by_relation) > 1:
         report["by_relation"] = {r: by_relation[r].summary() for r in sorted(by_relation)}
     return report
+
+
+# Which rows of a group's outcome each per-row key holds: the edits themselves, their rephrases
+# (owner: `inscope_owner`) or the out-of-scope inputs (owner: `loc_owner`). Per-group values (edit_ms,
+# losses, fluency, timings) belong to no one edit and stay out of the per-relation figures.
+_ROWS_OF = {"edit_exact": "edit", "edit_token": "edit", "es": "edit",
+            "rephrase_exact": "inscope", "rephrase_token": "inscope", "ps": "inscope",
+            "loc_retain_exact": "loc", "loc_retain_token": "loc", "loc_pre_exact": "loc", "loc_post_exact": "loc",
+            "ns": "loc"}
+
+
+def outcome_by_relation(outcome: dict[str, torch.Tensor], batch: EditBatch,
+                        relations: list[str | None]) -> dict[str, dict[str, torch.Tensor]]:
+    """A group's per-row outcome split by the relation of the edit each row belongs to (`relations[k]`:
+    edit k's). Empty when a relation is unknown, or the out-of-scope rows have no owners."""
+    if not relations or None in relations or len(relations) != batch.n_edits:
+        return {}
+    owners = {"edit": torch.arange(batch.n_edits), "inscope": batch.inscope_owner.cpu()}
+    if batch.loc_owner is None:
+        if batch.n_edits > 1:
+            return {}
+        owners["loc"] = torch.zeros(len(batch.loc), dtype=torch.long)
+    else:
+        owners["loc"] = batch.loc_owner.cpu()
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for relation in dict.fromkeys(relations):
+        mine = torch.tensor([r == relation for r in relations])
+        parts[str(relation)] = {key: value.reshape(-1)[mine[owners[_ROWS_OF[key]]]]
+                                for key, value in outcome.items() if key in _ROWS_OF}
+    return parts
 
 
 def protocol_from(cfg: Any) -> Protocol:

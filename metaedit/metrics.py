@@ -308,7 +308,8 @@ class MetricAccumulator:
             self.parts.setdefault(k, []).append(v.detach().float().cpu().reshape(-1))
 
     def mean(self, key: str) -> float:
-        return float(torch.cat(self.parts[key]).mean())
+        rows = torch.cat(self.parts[key])
+        return float(rows.mean()) if len(rows) else float("nan")  # nan: no row (e.g. a relation's edits had none)
 
     def summary(self) -> dict[str, float]:
         if not self.parts:
@@ -318,11 +319,10 @@ class MetricAccumulator:
             "rephrase_acc": self.mean("rephrase_exact"),
             "loc_retain": self.mean("loc_retain_exact"),
             "drawdown": self.mean("loc_pre_exact") - self.mean("loc_post_exact"),
-            "edit_ms": self.mean("edit_ms"),
-            "loss_edit": self.mean("loss_edit"),
-            "loss_loc": self.mean("loss_loc"),
             "n_edits": float(sum(len(x) for x in self.parts["edit_exact"])),
         }
+        # Per-group values: absent from a relation's share of a group (metaedit.evaluation).
+        exact.update({k: self.mean(k) for k in ("edit_ms", "loss_edit", "loss_loc") if k in self.parts})
         if "es" in self.parts:
             es, ps, ns = (self.mean(k) for k in ("es", "ps", "ns"))
             exact.update(es=es, ps=ps, ns=ns, score=harmonic_mean(es, ps, ns))

@@ -48,6 +48,15 @@ def test_batch_protocol_scores_every_edit_of_the_group(make_editor, make_data, m
     report = evaluate_editor(ed, data, limit=6, protocol=Protocol("batch", n=3))
     assert report["metrics"]["n_edits"] == 6
     assert (report["protocol"], report["n"], report["batch"], report["edits_per_batch"]) == ("batch", 3, 1, 3)
+    # Per relation too: every row of a group goes to its own edit's relation, so the relations' figures
+    # add up to the whole (weighted by their edits) and each edit counts once.
+    relations = [r["relation"] for r in data.records("test")[:6]]
+    per = report["by_relation"]
+    assert set(per) == set(relations) and len(per) > 1
+    assert {rel: r["n_edits"] for rel, r in per.items()} == {rel: relations.count(rel) for rel in per}
+    for key in ("edit_acc", "es"):
+        pooled = sum(r[key] * r["n_edits"] for r in per.values()) / 6
+        assert pooled == pytest.approx(report["metrics"][key], abs=1e-6), key
     seq = evaluate_editor(ed, data, limit=6, protocol=Protocol("sequential", n=6, batch=2),
                           save_sequences=tmp_path / "run.sequence")
     assert seq["metrics"]["n_edits"] == 6 and (seq["protocol"], seq["n"], seq["batch"]) == ("sequential", 6, 2)
