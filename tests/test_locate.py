@@ -4,9 +4,8 @@ the target prediction while the base model stays untouched."""
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -439,7 +438,8 @@ def test_prepare_computes_the_statistics_of_every_edited_layer(tiny, tmp_path):
 def test_facts_corpus_holds_training_facts_only(tmp_path):
     """`python -m metaedit.locate.corpus`: the fact sentences come from train.json alone (val/test
     never reach the statistics), each stated with its true object, once, in a seeded order."""
-    from metaedit.locate.corpus import fact_sentences, training_records
+    from metaedit.data.readers import training_records
+    from metaedit.locate.corpus import fact_sentences
 
     def cf(subject: str, true: str, new: str, neighbour: str, answer: str) -> dict:
         return {"case_id": subject, "requested_rewrite": {"prompt": "The capital of {} is", "subject": subject,
@@ -458,3 +458,33 @@ def test_facts_corpus_holds_training_facts_only(tmp_path):
     assert sentences == fact_sentences(training_records(tmp_path), seed=0) != fact_sentences(training_records(tmp_path), seed=1)
     with pytest.raises(MetaEditError, match="no train.json"):
         training_records(tmp_path / "nowhere")
+
+
+def test_alphaedit_preserved_facts_keep_their_values(locate_editor, tmp_path):
+    """`preserve_facts`: the keys of a dataset's training facts join K_p, so an edit changes their
+    values far less than without them; a directory without train.json is refused by name."""
+    train = [s for s in WORLD.subjects if WORLD.split_of[s] == "train"][:40]
+    (tmp_path / "train.json").write_text(json.dumps([
+        {"case_id": s, "requested_rewrite": {"prompt": "The capital of {} is", "subject": s, "relation_id": "capital",
+                                             "target_new": {"str": "x"}, "target_true": {"str": WORLD.facts[(s, "capital")]}},
+         "paraphrase_prompts": [f"{s}'s capital is"], "neighborhood_prompts": [f"The capital of {o} is"], "neighborhood_answers": [WORLD.facts[(o, "capital")]]}
+        for s, o in zip(train, train[1:] + train[:1])]))
+    plain = locate_editor("alphaedit", "tiny-gpt2", null_space_threshold=1e-2, l2=0.1)
+    kept = locate_editor("alphaedit", "tiny-gpt2", null_space_threshold=1e-2, l2=0.1, preserve_facts=str(tmp_path))
+    assert kept.hparams()["preserve_facts"] == str(tmp_path) and plain.facts_gram(plain.layers[0]) is None
+    req = one_token_requests(plain.tokenizer, 1)[0]
+    facts = [EditRequest(f"The capital of {s} is", WORLD.facts[(s, "capital")], s) for s in train]
+    layer = plain.layers[-1]
+    p = plain.param_of(layer)
+    keys, _ = kept.read(facts, {}, key_layers=[layer])
+    moved = {}
+    for name, ed in (("plain", plain), ("kept", kept)):
+        edited = ed.apply_edits(None, [req]).params[p.name]
+        delta = arch.weight_out_in(edited.double() - ed.model.get_parameter(p.name).double(), p)
+        moved[name] = float((delta @ keys[layer].double()).norm())
+    assert moved["kept"] < 0.5 * moved["plain"], moved
+    # The Gram matrix is Σ k kᵀ of those same keys (every fact; weight 1).
+    k = keys[layer].double()
+    torch.testing.assert_close(kept.facts_gram(layer), k @ k.T, rtol=1e-6, atol=1e-8)
+    with pytest.raises(MetaEditError, match="no train.json"):
+        locate_editor("alphaedit", "tiny-gpt2", preserve_facts=str(tmp_path / "nowhere")).apply_edits(None, [req])

@@ -104,3 +104,12 @@ def read_built_split(path: str | Path) -> list[dict[str, Any]]:
         return [counterfact_record(rec, f"{path}: record {i}") for i, rec in enumerate(raw)]
     return [validate_record(rec, f"{path}: record {i}") for i, rec in enumerate(raw)]
 
+
+
+def training_records(data_dir: str | Path) -> list[dict[str, Any]]:
+    """The training split of a built dataset directory (train.json alone: what may inform an editor
+    without leaking its val/test), in the internal format."""
+    path = Path(data_dir) / "train.json"
+    if not path.is_file():
+        raise MetaEditError(f"{data_dir}: no train.json (a built dataset directory, e.g. data/worldfacts_wide-v3)")
+    return read_built_split(path)

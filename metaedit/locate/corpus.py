@@ -22,22 +22,13 @@ import random
 from pathlib import Path
 from typing import Any
 
-from metaedit.data.readers import read_built_split
+from metaedit.data.readers import training_records
 from metaedit.data.records import write_text_atomic
 from metaedit.models.fingerprint import fingerprint
 from metaedit.models.loading import load_base_model, load_model_config
 from metaedit.paths import default_cache_dir
-from metaedit.types import MetaEditError
 
 log = logging.getLogger(__name__)
-
-
-def training_records(data_dir: Path) -> list[dict[str, Any]]:
-    """The training split of a built dataset directory, in the internal format."""
-    path = data_dir / "train.json"
-    if not path.is_file():
-        raise MetaEditError(f"{data_dir}: no train.json (a built dataset directory, e.g. data/worldfacts_wide-v3)")
-    return read_built_split(path)
 
 
 def fact_sentences(records: list[dict[str, Any]], seed: int = 0) -> list[str]:

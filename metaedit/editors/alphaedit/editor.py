@@ -3,17 +3,23 @@ preserved knowledge, with the keys of earlier edits kept across a sequence."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from metaedit.data.readers import training_records
 from metaedit.editors.locate_then_edit import LocateEditor
 from metaedit.functional import EditedModel
 from metaedit.locate.solve import alphaedit_delta, null_space_projector
 from metaedit.models.inner_params import InnerParam
+from metaedit.progress import Progress
 from metaedit.types import EditRequest, LMBatch, MetaEditError
+
+log = logging.getLogger(__name__)
 
 
 class AlphaEditEditor(LocateEditor):
@@ -27,6 +33,14 @@ class AlphaEditEditor(LocateEditor):
     K₁K₁ᵀ to K_p K_pᵀ per layer, so later edits of the sequence leave earlier ones alone.
     `reset_sequence()` (called by `edit_sequential` first) forgets them. Edits made outside
     `editing_from` (single / batch evaluation) use only C and do not accumulate anything.
+
+    Preserved facts (`preserve_facts`, off by default; beyond the paper): the keys of the *training*
+    facts of a built dataset directory (train.json only: its val/test stay held out), read as an
+    edit's keys are, join K_p K_pᵀ with weight `preserve_weight` in every solve — single, batch and
+    sequence — as if they were earlier edits. The projection P keeps only the directions that dominate
+    C; the keys that distinguish one subject from a similar one (two provinces of one country) are
+    rare in any corpus, so they fall in P's "null" space and an edit of one subject reaches the
+    other. Keys of known facts of that kind penalise exactly those directions.
     """
 
     method = "alphaedit"
@@ -35,16 +49,55 @@ class AlphaEditEditor(LocateEditor):
 
     def __init__(self, model: PreTrainedModel, inner_params: Sequence[InnerParam],
                  layers: Sequence[int] | None = None, null_space_threshold: float = 2e-2, l2: float = 10.0,
-                 clamp_norm_factor: float = 0.75, **kwargs: Any) -> None:
+                 clamp_norm_factor: float = 0.75, preserve_facts: str | None = None, preserve_weight: float = 1.0,
+                 preserve_limit: int | None = None, **kwargs: Any) -> None:
         super().__init__(model, inner_params, layers=layers, clamp_norm_factor=clamp_norm_factor, **kwargs)
         if null_space_threshold <= 0 or l2 <= 0:
             raise MetaEditError(f"alphaedit: need null_space_threshold > 0 and l2 > 0, got {null_space_threshold}, {l2}")
+        if preserve_weight <= 0 or (preserve_limit is not None and preserve_limit < 1):
+            raise MetaEditError(f"alphaedit: need preserve_weight > 0 and preserve_limit >= 1 or null, "
+                                f"got {preserve_weight}, {preserve_limit}")
         self.null_space_threshold, self.l2 = null_space_threshold, l2
+        self.preserve_facts = None if preserve_facts is None else str(preserve_facts)
+        self.preserve_weight, self.preserve_limit = preserve_weight, preserve_limit
         self._projectors: dict[int, Tensor] = {}
+        self._facts_grams: dict[int, Tensor] | None = None
         self.preserved: dict[int, Tensor] = {}  # layer -> Σ K_p K_pᵀ of this sequence's earlier edits
 
     def hparams(self) -> dict[str, Any]:
-        return {**self._common_hparams(), "null_space_threshold": self.null_space_threshold, "l2": self.l2}
+        return {**self._common_hparams(), "null_space_threshold": self.null_space_threshold, "l2": self.l2,
+                "preserve_facts": self.preserve_facts, "preserve_weight": self.preserve_weight,
+                "preserve_limit": self.preserve_limit}
+
+    def facts_gram(self, layer: int) -> Tensor | None:
+        """preserve_weight · Σ k kᵀ over the preserved facts' keys at `layer` (None without
+        `preserve_facts`), read once per editor on the unedited model."""
+        if self.preserve_facts is None:
+            return None
+        if self._facts_grams is None:
+            self._facts_grams = self._read_facts_grams()
+        return self._facts_grams[layer]
+
+    def _read_facts_grams(self, chunk: int = 64) -> dict[int, Tensor]:
+        records = training_records(self.preserve_facts or "")
+        requests = [EditRequest(r["prompt"], r["target_true"], r["subject"])
+                    for r in records if r.get("subject") and r.get("target_true")]
+        if self.preserve_limit is not None:
+            requests = requests[: self.preserve_limit]
+        if not requests:
+            raise MetaEditError(f"alphaedit: {self.preserve_facts}/train.json has no record with a subject and a "
+                                f"true object to preserve")
+        grams = {layer: torch.zeros(0) for layer in self.layers}
+        progress = Progress(len(requests), unit="fact", noun="preserved facts' keys read")
+        for start in range(0, len(requests), chunk):
+            keys, _ = self.read(requests[start: start + chunk], {}, key_layers=self.layers)
+            for layer, k in keys.items():
+                g = self.preserve_weight * (k.double() @ k.double().T)
+                grams[layer] = g if grams[layer].numel() == 0 else grams[layer] + g
+            done = min(start + chunk, len(requests))
+            if progress.due(done):
+                log.info("alphaedit: %s", progress.line(done))
+        return grams
 
     def projector(self, layer: int) -> Tensor:
         if layer not in self._projectors:
@@ -53,6 +106,9 @@ class AlphaEditEditor(LocateEditor):
 
     def layer_delta(self, layer: int, keys: Tensor, residual: Tensor, w: Tensor) -> Tensor:
         kp = self.preserved.get(layer) if self._in_sequence else None
+        facts = self.facts_gram(layer)
+        if facts is not None:
+            kp = facts if kp is None else kp + facts
         return alphaedit_delta(residual, keys, self.projector(layer), kp, self.l2)
 
     def reset_sequence(self) -> None:
