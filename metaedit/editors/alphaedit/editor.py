@@ -4,6 +4,7 @@ preserved knowledge, with the keys of earlier edits kept across a sequence."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,6 +63,7 @@ class AlphaEditEditor(LocateEditor):
         self.preserve_weight, self.preserve_limit = preserve_weight, preserve_limit
         self._projectors: dict[int, Tensor] = {}
         self._facts_grams: dict[int, Tensor] | None = None
+        self._facts_seconds: float | None = None
         self.preserved: dict[int, Tensor] = {}  # layer -> Σ K_p K_pᵀ of this sequence's earlier edits
 
     def hparams(self) -> dict[str, Any]:
@@ -69,13 +71,26 @@ class AlphaEditEditor(LocateEditor):
                 "preserve_facts": self.preserve_facts, "preserve_weight": self.preserve_weight,
                 "preserve_limit": self.preserve_limit}
 
+    def prepare(self) -> None:
+        super().prepare()
+        if self.preserve_facts is not None:
+            self.facts_gram(self.layers[0])
+
+    def one_off_costs(self) -> dict[str, float]:
+        costs = super().one_off_costs()
+        if self._facts_seconds is not None:
+            costs["preserve_facts_min"] = round(self._facts_seconds / 60, 2)
+        return costs
+
     def facts_gram(self, layer: int) -> Tensor | None:
         """preserve_weight · Σ k kᵀ over the preserved facts' keys at `layer` (None without
         `preserve_facts`), read once per editor on the unedited model."""
         if self.preserve_facts is None:
             return None
         if self._facts_grams is None:
+            t0 = time.perf_counter()
             self._facts_grams = self._read_facts_grams()
+            self._facts_seconds = time.perf_counter() - t0
         return self._facts_grams[layer]
 
     def _read_facts_grams(self, chunk: int = 64) -> dict[int, Tensor]:
