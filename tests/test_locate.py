@@ -460,9 +460,10 @@ def test_facts_corpus_holds_training_facts_only(tmp_path):
         training_records(tmp_path / "nowhere")
 
 
-def test_alphaedit_preserved_facts_keep_their_values(locate_editor, tmp_path):
+def test_alphaedit_preserved_facts_keep_their_values(locate_editor, tmp_path, caplog):
     """`preserve_facts`: the keys of a dataset's training facts join K_p, so an edit changes their
-    values far less than without them; a directory without train.json is refused by name."""
+    values far less than without them; their sums are cached on disk and reused by another editor
+    (weighted by its own preserve_weight); a directory without train.json is refused by name."""
     train = [s for s in WORLD.subjects if WORLD.split_of[s] == "train"][:40]
     (tmp_path / "train.json").write_text(json.dumps([
         {"case_id": s, "requested_rewrite": {"prompt": "The capital of {} is", "subject": s, "relation_id": "capital",
@@ -490,5 +491,9 @@ def test_alphaedit_preserved_facts_keep_their_values(locate_editor, tmp_path):
     # The Gram matrix is Σ k kᵀ of those same keys (every fact; weight 1).
     k = keys[layer].double()
     torch.testing.assert_close(kept.facts_gram(layer), k @ k.T, rtol=1e-6, atol=1e-8)
+    with caplog.at_level(logging.INFO, logger="metaedit.editors.alphaedit.editor"):
+        twice = locate_editor("alphaedit", "tiny-gpt2", preserve_facts=str(tmp_path), preserve_weight=2.0)
+        torch.testing.assert_close(twice.facts_gram(layer), 2 * kept.facts_gram(layer))
+    assert "preserved facts' keys from" in caplog.text and "keys read" not in caplog.text
     with pytest.raises(MetaEditError, match="no train.json"):
         locate_editor("alphaedit", "tiny-gpt2", preserve_facts=str(tmp_path / "nowhere")).apply_edits(None, [req])

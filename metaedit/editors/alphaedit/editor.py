@@ -3,19 +3,24 @@ preserved knowledge, with the keys of earlier edits kept across a sequence."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
-import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from metaedit.data.readers import training_records
+from metaedit.data.records import digest
 from metaedit.editors.locate_then_edit import LocateEditor
 from metaedit.functional import EditedModel
 from metaedit.locate.solve import alphaedit_delta, null_space_projector
+from metaedit.models.fingerprint import fingerprint
 from metaedit.models.inner_params import InnerParam
 from metaedit.progress import Progress
 from metaedit.types import EditRequest, LMBatch, MetaEditError
@@ -94,6 +99,8 @@ class AlphaEditEditor(LocateEditor):
         return self._facts_grams[layer]
 
     def _read_facts_grams(self, chunk: int = 64) -> dict[int, Tensor]:
+        """Σ k kᵀ per layer (times preserve_weight) of the preserved facts' keys; the unweighted sums
+        are cached on disk per base, edited modules, key settings and facts (the read is minutes)."""
         records = training_records(self.preserve_facts or "")
         requests = [EditRequest(r["prompt"], r["target_true"], r["subject"])
                     for r in records if r.get("subject") and r.get("target_true")]
@@ -102,17 +109,31 @@ class AlphaEditEditor(LocateEditor):
         if not requests:
             raise MetaEditError(f"alphaedit: {self.preserve_facts}/train.json has no record with a subject and a "
                                 f"true object to preserve")
-        grams = {layer: torch.zeros(0) for layer in self.layers}
+        scope = {"format": 1, "fingerprint": fingerprint(self.model), "contexts": self.contexts(),
+                 "modules": [self.param_of(layer).name for layer in self.layers], "fact_token": self.fact_token,
+                 "prompt_key": self.prompt_key, "subject_fallback": self.subject_fallback,
+                 "dtype": str(next(self.model.parameters()).dtype), "facts": digest([asdict(q) for q in requests])}
+        path = self.cache_root / "preserve" / f"{digest(scope)}.safetensors"
+        if path.is_file():
+            log.info("alphaedit: preserved facts' keys from %s", path)
+            saved = load_file(str(path))
+            return {layer: self.preserve_weight * saved[str(layer)].to(self.device) for layer in self.layers}
+        grams: dict[int, Tensor] = {}
         progress = Progress(len(requests), unit="fact", noun="preserved facts' keys read")
         for start in range(0, len(requests), chunk):
             keys, _ = self.read(requests[start: start + chunk], {}, key_layers=self.layers)
             for layer, k in keys.items():
-                g = self.preserve_weight * (k.double() @ k.double().T)
-                grams[layer] = g if grams[layer].numel() == 0 else grams[layer] + g
+                g = k.double() @ k.double().T
+                grams[layer] = grams[layer] + g if layer in grams else g
             done = min(start + chunk, len(requests))
             if progress.due(done):
                 log.info("alphaedit: %s", progress.line(done))
-        return grams
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({str(layer): g.cpu().contiguous() for layer, g in grams.items()}, str(tmp),
+                  metadata={"scope": json.dumps(scope, default=str)})
+        os.replace(tmp, path)  # a reader sees a whole file or none
+        return {layer: self.preserve_weight * g for layer, g in grams.items()}
 
     def projector(self, layer: int) -> Tensor:
         if layer not in self._projectors:
