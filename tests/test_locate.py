@@ -19,7 +19,7 @@ from metaedit.locate.solve import alphaedit_delta, null_space_projector, regular
 from metaedit.locate.stats import StatsSpec, second_moments
 from metaedit.locate.tokens import subject_token_span
 from metaedit.protocols import Protocol, SequenceCheckpoint, apply_protocol
-from metaedit.types import EditRequest, MetaEditError
+from metaedit.types import EditRequest, MetaEditError, SequenceState
 from tests.test_editors import assert_unchanged, snapshot
 
 WORLD = build_world(seed=0, n_subjects=200)
@@ -495,5 +495,12 @@ def test_alphaedit_preserved_facts_keep_their_values(locate_editor, tmp_path, ca
         twice = locate_editor("alphaedit", "tiny-gpt2", preserve_facts=str(tmp_path), preserve_weight=2.0)
         torch.testing.assert_close(twice.facts_gram(layer), 2 * kept.facts_gram(layer))
     assert "preserved facts' keys from" in caplog.text and "keys read" not in caplog.text
+    # A resumed sequence swaps its running edit in at once: the keys are still read on the unedited model.
+    resumed = locate_editor("alphaedit", "tiny-gpt2", null_space_threshold=1e-2, l2=0.1,
+                            preserve_facts=str(tmp_path), preserve_limit=len(train) - 1)
+    running = plain.apply_edits(None, [req]).params
+    resumed.edit_sequential(one_token_requests(plain.tokenizer, 2), resume=SequenceState(1, running, {}))
+    fresh = locate_editor("alphaedit", "tiny-gpt2", preserve_facts=str(tmp_path), preserve_limit=len(train) - 1)
+    torch.testing.assert_close(resumed.facts_gram(layer), fresh.facts_gram(layer))
     with pytest.raises(MetaEditError, match="no train.json"):
         locate_editor("alphaedit", "tiny-gpt2", preserve_facts=str(tmp_path / "nowhere")).apply_edits(None, [req])

@@ -105,7 +105,6 @@ def read_built_split(path: str | Path) -> list[dict[str, Any]]:
     return [validate_record(rec, f"{path}: record {i}") for i, rec in enumerate(raw)]
 
 
-
 def training_records(data_dir: str | Path) -> list[dict[str, Any]]:
     """The training split of a built dataset directory (train.json alone: what may inform an editor
     without leaking its val/test), in the internal format."""

@@ -149,6 +149,10 @@ class AlphaEditEditor(LocateEditor):
 
     def reset_sequence(self) -> None:
         self.preserved = {}
+        # A sequence (resumed ones too) swaps its running edit into the model from here on: the
+        # preserved facts' keys must be read before that, on the unedited model.
+        if self.preserve_facts is not None:
+            self.facts_gram(self.layers[0])
 
     def sequence_state(self) -> dict[str, Tensor]:
         return {f"preserved.{layer}": gram for layer, gram in self.preserved.items()}
