@@ -24,6 +24,7 @@ from metaedit.models.fingerprint import fingerprint
 from metaedit.models.inner_params import InnerParam
 from metaedit.progress import Progress
 from metaedit.types import EditRequest, LMBatch, MetaEditError
+from metaedit.utils import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -114,25 +115,27 @@ class AlphaEditEditor(LocateEditor):
                  "prompt_key": self.prompt_key, "subject_fallback": self.subject_fallback,
                  "dtype": str(next(self.model.parameters()).dtype), "facts": digest([asdict(q) for q in requests])}
         path = self.cache_root / "preserve" / f"{digest(scope)}.safetensors"
-        if path.is_file():
-            log.info("alphaedit: preserved facts' keys from %s", path)
-            saved = load_file(str(path))
-            return {layer: self.preserve_weight * saved[str(layer)].to(self.device) for layer in self.layers}
-        grams: dict[int, Tensor] = {}
-        progress = Progress(len(requests), unit="fact", noun="preserved facts' keys read")
-        for start in range(0, len(requests), chunk):
-            keys, _ = self.read(requests[start: start + chunk], {}, key_layers=self.layers)
-            for layer, k in keys.items():
-                g = k.double() @ k.double().T
-                grams[layer] = grams[layer] + g if layer in grams else g
-            done = min(start + chunk, len(requests))
-            if progress.due(done):
-                log.info("alphaedit: %s", progress.line(done))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({str(layer): g.cpu().contiguous() for layer, g in grams.items()}, str(tmp),
-                  metadata={"scope": json.dumps(scope, default=str)})
-        os.replace(tmp, path)  # a reader sees a whole file or none
+        # Under a lock: two editors started together on the same facts (two bench rows) read them once.
+        with file_lock(path.with_suffix(".lock")):
+            if path.is_file():
+                log.info("alphaedit: preserved facts' keys from %s", path)
+                saved = load_file(str(path))
+                return {layer: self.preserve_weight * saved[str(layer)].to(self.device) for layer in self.layers}
+            grams: dict[int, Tensor] = {}
+            progress = Progress(len(requests), unit="fact", noun="preserved facts' keys read")
+            for start in range(0, len(requests), chunk):
+                keys, _ = self.read(requests[start: start + chunk], {}, key_layers=self.layers)
+                for layer, k in keys.items():
+                    g = k.double() @ k.double().T
+                    grams[layer] = grams[layer] + g if layer in grams else g
+                done = min(start + chunk, len(requests))
+                if progress.due(done):
+                    log.info("alphaedit: %s", progress.line(done))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({str(layer): g.cpu().contiguous() for layer, g in grams.items()}, str(tmp),
+                      metadata={"scope": json.dumps(scope, default=str)})
+            os.replace(tmp, path)  # a reader sees a whole file or none
         return {layer: self.preserve_weight * g for layer, g in grams.items()}
 
     def projector(self, layer: int) -> Tensor:
