@@ -162,7 +162,9 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
                  eval_log)
         report = json.loads(result.read_text())
         m = report["metrics"]
-        row.update({k: m[k] for k in COLUMNS if k in m})
+        # The table columns, and every one-off cost the editor reported (`Editor.one_off_costs`:
+        # stats_min, preserve_facts_min, ...) even where the table has no column for it.
+        row.update({k: m[k] for k in m if k in COLUMNS or k.endswith("_min")})
         if "by_relation" in report:
             row["by_relation"] = {rel: {k: r[k] for k in ("n_edits", "es", "ps", "ns", "score") if k in r}
                                   for rel, r in report["by_relation"].items()}

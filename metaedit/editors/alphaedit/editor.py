@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
@@ -94,14 +95,14 @@ class AlphaEditEditor(LocateEditor):
         if self.preserve_facts is None:
             return None
         if self._facts_grams is None:
-            t0 = time.perf_counter()
-            self._facts_grams = self._read_facts_grams()
-            self._facts_seconds = time.perf_counter() - t0
+            self._facts_grams, self._facts_seconds = self._read_facts_grams()
         return self._facts_grams[layer]
 
-    def _read_facts_grams(self, chunk: int = 64) -> dict[int, Tensor]:
-        """Σ k kᵀ per layer (times preserve_weight) of the preserved facts' keys; the unweighted sums
-        are cached on disk per base, edited modules, key settings and facts (the read is minutes)."""
+    def _read_facts_grams(self, chunk: int = 64) -> tuple[dict[int, Tensor], float | None]:
+        """Σ k kᵀ per layer (times preserve_weight) of the preserved facts' keys, and the seconds the
+        read took when it was made; the unweighted sums are cached on disk per base, edited modules,
+        key settings and facts (the read is minutes), with those seconds in the file's metadata so
+        that a run reusing the cache reports what the sums cost, like the key statistics do."""
         records = training_records(self.preserve_facts or "")
         requests = [EditRequest(r["prompt"], r["target_true"], r["subject"])
                     for r in records if r.get("subject") and r.get("target_true")]
@@ -120,7 +121,11 @@ class AlphaEditEditor(LocateEditor):
             if path.is_file():
                 log.info("alphaedit: preserved facts' keys from %s", path)
                 saved = load_file(str(path))
-                return {layer: self.preserve_weight * saved[str(layer)].to(self.device) for layer in self.layers}
+                with safe_open(str(path), framework="pt") as f:
+                    seconds = (f.metadata() or {}).get("seconds")  # absent in caches of before it was recorded
+                return ({layer: self.preserve_weight * saved[str(layer)].to(self.device) for layer in self.layers},
+                        float(seconds) if seconds is not None else None)
+            t0 = time.perf_counter()
             grams: dict[int, Tensor] = {}
             progress = Progress(len(requests), unit="fact", noun="preserved facts' keys read")
             for start in range(0, len(requests), chunk):
@@ -132,11 +137,12 @@ class AlphaEditEditor(LocateEditor):
                 if progress.due(done):
                     log.info("alphaedit: %s", progress.line(done))
             path.parent.mkdir(parents=True, exist_ok=True)
+            seconds = time.perf_counter() - t0
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             save_file({str(layer): g.cpu().contiguous() for layer, g in grams.items()}, str(tmp),
-                      metadata={"scope": json.dumps(scope, default=str)})
+                      metadata={"scope": json.dumps(scope, default=str), "seconds": repr(seconds)})
             os.replace(tmp, path)  # a reader sees a whole file or none
-        return {layer: self.preserve_weight * g for layer, g in grams.items()}
+        return {layer: self.preserve_weight * g for layer, g in grams.items()}, seconds
 
     def projector(self, layer: int) -> Tensor:
         if layer not in self._projectors:
