@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
@@ -120,11 +120,11 @@ class AlphaEditEditor(LocateEditor):
         with file_lock(path.with_suffix(".lock")):
             if path.is_file():
                 log.info("alphaedit: preserved facts' keys from %s", path)
-                saved = load_file(str(path))
-                with safe_open(str(path), framework="pt") as f:
+                with safe_open(str(path), framework="pt") as f:  # one open: the sums and their recorded cost
+                    cached = {layer: self.preserve_weight * f.get_tensor(str(layer)).to(self.device)
+                              for layer in self.layers}
                     seconds = (f.metadata() or {}).get("seconds")  # absent in caches of before it was recorded
-                return ({layer: self.preserve_weight * saved[str(layer)].to(self.device) for layer in self.layers},
-                        float(seconds) if seconds is not None else None)
+                return cached, float(seconds) if seconds is not None else None
             t0 = time.perf_counter()
             grams: dict[int, Tensor] = {}
             progress = Progress(len(requests), unit="fact", noun="preserved facts' keys read")
