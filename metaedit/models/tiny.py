@@ -159,7 +159,16 @@ def build_tiny_model(
         auto = AutoModelForSeq2SeqLM if family == "seq2seq_lm" else AutoModelForCausalLM
         model = auto.from_config(cfg)
         formatter = Formatter(tokenizer, family, decoder_start_token_id=getattr(cfg, "decoder_start_token_id", None))
-        acc = pretrain(model, formatter, pretraining_pairs(w), **(pretraining or {}))
+        # One thread while pre-training: a matmul's reduction order depends on the thread count,
+        # and over thousands of steps the rounding differences grow into different weights (up to
+        # 0.4 measured between 1 and 2 threads), so where the model recalls its facts — which the
+        # locate-then-edit tests rely on — would depend on OMP_NUM_THREADS.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            acc = pretrain(model, formatter, pretraining_pairs(w), **(pretraining or {}))
+        finally:
+            torch.set_num_threads(threads)
         info = {"arch": arch, "family": family, "config": config or {}, "world": world, "exact_acc": acc, "seconds": round(time.time() - t0, 1)}
         with atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp)
