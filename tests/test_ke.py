@@ -12,10 +12,12 @@ from metaedit import load_editor
 from metaedit.decoding import greedy_relabel
 from metaedit.editors.io import WEIGHTS
 from metaedit.functional import forward_logits
+from metaedit.hooks import capture_layer_io
+from metaedit.locate.tokens import subject_token_span
 from metaedit.losses import nll
 from metaedit.system import EditorSystem
 from metaedit.types import EditRequest, MetaEditError
-from tests.test_editors import WORLD, assert_unchanged, requests, snapshot
+from tests.test_editors import TEST_SUBJECTS, WORLD, assert_unchanged, requests, snapshot
 
 
 def reqs(n: int) -> list[EditRequest]:
@@ -36,6 +38,38 @@ def test_ke_per_edit_gradients_are_each_edits_own_gradient(make_editor, name):
             # (padding in the batched pass changes float summation order only)
             assert (g[i] - ref).norm() <= 1e-4 * ref.norm(), (p.name, i)
 
+
+
+@pytest.mark.parametrize("rows", ["subject", "subject_last"])
+def test_ke_subject_rows_sum_only_the_subjects_positions(make_editor, rows):
+    """rows=subject(_last): edit i's ∇W is Σ_t δ_t u_tᵀ over its subject's (last) token(s) on the
+    encoder stream (T5's encoder layers), every position on the decoder's (it reads only the target)."""
+    full, ed = make_editor("ke", "tiny-t5"), make_editor("ke", "tiny-t5", rows=rows)
+    r = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(2))]
+    batch = ed.formatter.batch([x.prompt for x in r], [x.target for x in r])
+    picked, everything = ed.per_edit_gradients(batch, r), full.per_edit_gradients(batch)
+    modules = {p.module_name: ed.model.get_submodule(p.module_name) for p in ed.inner_params}
+    with torch.enable_grad(), capture_layer_io(modules) as io:
+        loss = nll(forward_logits(ed.model, batch), batch.targets, reduction="sum")
+        deltas = torch.autograd.grad(loss, [io[p.module_name][1] for p in ed.inner_params])
+    encoder_layers = 0
+    for p, g, g_all, d in zip(ed.inner_params, picked, everything, deltas):
+        if p.side == "output":
+            assert torch.equal(g, g_all), p.name
+            continue
+        encoder_layers += 1
+        u = io[p.module_name][0]
+        for i, x in enumerate(r):
+            first, last = subject_token_span(ed.formatter.tokenizer, x.prompt, x.subject)
+            ts = [last] if rows == "subject_last" else range(first, last + 1)
+            want = sum(torch.outer(d[i, t].float(), u[i, t].float()) for t in ts)
+            assert want.norm() > 0 and (g[i] - want).norm() <= 1e-5 * want.norm(), (p.name, i)
+            assert (g_all[i] - want).norm() > 1e-3 * want.norm(), (p.name, i)  # other positions really count
+    assert encoder_layers > 0
+    with pytest.raises(MetaEditError, match="rows"):
+        make_editor("ke", "tiny-t5", rows="target")
+    with pytest.raises(MetaEditError, match="edit request"):
+        ed.per_edit_gradients(batch)
 
 def test_ke_batch_of_edits_is_the_sum_of_single_edits_and_leaves_the_base(make_editor):
     ed = make_editor("ke", "tiny-gpt2")

@@ -14,11 +14,13 @@ from metaedit.editors.base import Editor
 from metaedit.editors.ke.networks import ConditionEncoder, MatrixConditioner
 from metaedit.functional import EditedModel, forward_logits
 from metaedit.hooks import capture_layer_io
+from metaedit.locate.tokens import subject_row_mask
 from metaedit.losses import nll
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
 OBJECTIVES = ("shared", "constrained")
+ROWS_MODES = ("nonpad", "subject", "subject_last")
 
 
 class KEEditor(Editor):
@@ -46,6 +48,10 @@ class KEEditor(Editor):
         margin_init, margin_min: initial KL margin and the floor annealing stops at.
         anneal_at, anneal_factor: success threshold and factor of the margin annealing.
         success_decay: decay of the running (exponential average) training edit success.
+        rows: which positions' (u, δ) pairs make up ∇W_i: "nonpad" every position (the paper's
+            gradient), "subject" / "subject_last" the subject's tokens / its last token on the stream
+            the prompt is read on (as MEND's `rows`): neighbours share the edit's template, not its
+            subject, so an update built from the subject's key moves their answers less.
         embed_lr: the outer optimizer's learning rate for the condition encoder's embedding copy
             (None: the trainer's). It starts as the base's pretrained embeddings, the rest of the
             editor from scratch; Adam moves every entry by ~lr per step whatever its scale, so at the
@@ -71,10 +77,13 @@ class KEEditor(Editor):
         anneal_factor: float = 0.8,
         success_decay: float = 0.95,
         embed_lr: float | None = None,
+        rows: Literal["nonpad", "subject", "subject_last"] = "nonpad",
     ) -> None:
         super().__init__(model, inner_params)
         if objective not in OBJECTIVES:
             raise MetaEditError(f"ke objective must be one of {OBJECTIVES}, got {objective!r}")
+        if rows not in ROWS_MODES:
+            raise MetaEditError(f"ke rows must be one of {list(ROWS_MODES)}, got {rows!r}")
         if embed_lr is not None and embed_lr <= 0:
             raise MetaEditError(f"ke needs embed_lr > 0 or null, got {embed_lr}")
         if lambda_init < 0 or lambda_lr <= 0 or not 0 < margin_min <= margin_init or not 0 < anneal_factor < 1:
@@ -86,7 +95,7 @@ class KEEditor(Editor):
         self.lambda_init, self.lambda_lr = lambda_init, lambda_lr
         self.margin_init, self.margin_min = margin_init, margin_min
         self.anneal_at, self.anneal_factor, self.success_decay = anneal_at, anneal_factor, success_decay
-        self.embed_lr = embed_lr
+        self.embed_lr, self.rows = embed_lr, rows
         self.encoder = ConditionEncoder(model.get_input_embeddings().weight, hidden, cond_dim)
         self.conditioners = nn.ModuleList(
             MatrixConditioner(cond_dim, hidden, p.d_out, p.d_in, init_lr) for p in self.inner_params
@@ -103,7 +112,7 @@ class KEEditor(Editor):
         return {"hidden": self.hidden, "cond_dim": self.cond_dim, "init_lr": self.init_lr, "objective": self.objective,
                 "lambda_init": self.lambda_init, "lambda_lr": self.lambda_lr, "margin_init": self.margin_init,
                 "margin_min": self.margin_min, "anneal_at": self.anneal_at, "anneal_factor": self.anneal_factor,
-                "success_decay": self.success_decay, "embed_lr": self.embed_lr}
+                "success_decay": self.success_decay, "embed_lr": self.embed_lr, "rows": self.rows}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         embed = self.encoder.embed.weight
@@ -159,13 +168,19 @@ class KEEditor(Editor):
                                        max_length=self.formatter.max_length * 2)
         return self.encoder(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
 
-    def per_edit_gradients(self, edit: LMBatch) -> list[Tensor]:
+    def per_edit_gradients(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None) -> list[Tensor]:
         """∇W_i for each inner matrix and edit i: [n_edits, d_out, d_in], from one forward/backward.
 
         For y = W u the gradient of a row's loss is Σ_t δ_t u_tᵀ over that row's positions, and rows of a
         batch do not interact, so per-edit gradients are a per-row sum of the captured (u, δ); the
-        backward stops at the earliest inner layer (see capture_layer_io).
+        backward stops at the earliest inner layer (see capture_layer_io). With `rows` set to a
+        subject mode the sum runs over the subject's positions only (`requests` give the subjects).
         """
+        keep = None
+        if self.rows != "nonpad":
+            if requests is None or len(requests) != len(edit) or self.formatter is None:
+                raise MetaEditError(f"ke rows={self.rows!r} needs the tokenizer and one edit request per edit")
+            keep = subject_row_mask(self.formatter, edit, requests, last_only=self.rows == "subject_last")
         modules = {p.module_name: self.model.get_submodule(p.module_name) for p in self.inner_params}
         with torch.enable_grad(), capture_layer_io(modules) as io:
             # Summed over tokens: a per-edit gradient does not depend on which other edits share the batch.
@@ -173,14 +188,18 @@ class KEEditor(Editor):
             deltas = torch.autograd.grad(loss, [io[p.module_name][1] for p in self.inner_params])
         grads = []
         for p, d in zip(self.inner_params, deltas):
-            u = io[p.module_name][0]
-            grads.append(torch.einsum("bto,bti->boi", d.detach().float(), u.float()))
+            u = io[p.module_name][0].float()
+            # The prompt is read on the input stream (a causal LM's only one); a seq2seq decoder sees
+            # only the target, so its layers keep every position.
+            if keep is not None and (p.side == "input" or edit.decoder_input_ids is None):
+                u = u * keep.to(u.device).unsqueeze(-1)
+            grads.append(torch.einsum("bto,bti->boi", d.detach().float(), u))
         return grads
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
         c = self.condition(edit, requests)
         new_params: dict[str, Tensor] = {}
-        for p, conditioner, grad in zip(self.inner_params, self.conditioners, self.per_edit_gradients(edit)):
+        for p, conditioner, grad in zip(self.inner_params, self.conditioners, self.per_edit_gradients(edit, requests)):
             delta = conditioner(c, grad)  # [d_out, d_in]
             if p.transposed:
                 delta = delta.T  # Conv1D stores W as [d_in, d_out]
