@@ -23,7 +23,7 @@ from metaedit.models.inner_params import InnerParam
 from metaedit.models.loading import load_model_config
 from metaedit.system import EditorSystem
 from metaedit.types import LMBatch, MetaEditError
-from tests.test_editors import assert_unchanged, requests, snapshot
+from tests.test_editors import TEST_SUBJECTS, assert_unchanged, requests, snapshot
 
 
 class TinyMLP(nn.Module):
@@ -150,6 +150,41 @@ def test_enn_edit_changes_the_target_and_never_the_base(make_editor):
     assert exact_correct(edited.logits(batch), batch.targets).all()
     assert_unchanged(ed.model, before)
 
+
+
+def test_enn_subject_last_rows_step_along_the_subjects_gradient_only(make_editor):
+    """rows=subject_last: θ' − θ = −α Σ_i δ_i u_iᵀ at each edit's subject's last token (the oracle:
+    layer inputs and output gradients from hooks), a step that differs from the plain gradient's;
+    the base is untouched, and second order with subject rows is refused."""
+    from metaedit.hooks import capture_layer_io
+    from metaedit.locate.tokens import subject_token_span
+    from metaedit.types import EditRequest
+
+    ed = make_editor("enn", "tiny-gpt2", first_order=True, rows="subject_last", edit_lr=0.5).eval()
+    plain = make_editor("enn", "tiny-gpt2", first_order=True, edit_lr=0.5).eval()
+    before = snapshot(ed.model)
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(2))]
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    new, new_plain = ed.apply_edits(batch, reqs).params, plain.apply_edits(batch, reqs).params
+    modules = {p.module_name: ed.model.get_submodule(p.module_name) for p in ed.inner_params}
+    with torch.enable_grad(), capture_layer_io(modules) as io:
+        loss = nll(forward_logits(ed.model, batch), batch.targets, reduction="sum")
+        deltas = torch.autograd.grad(loss, [io[p.module_name][1] for p in ed.inner_params])
+    lasts = [subject_token_span(ed.formatter.tokenizer, r.prompt, r.subject)[1] for r in reqs]
+    moved = 0
+    for p, d in zip(ed.inner_params, deltas):
+        u = io[p.module_name][0]
+        grad = sum(torch.outer(d[i, t], u[i, t]) for i, t in enumerate(lasts))  # [d_out, d_in]
+        want = -0.5 * (grad.T if p.transposed else grad)
+        step = new[p.name] - ed.model.get_parameter(p.name)
+        assert torch.allclose(step, want, atol=1e-6 + 1e-4 * float(want.abs().max())), p.name
+        if want.abs().max() > 0:
+            moved += 1
+            assert not torch.allclose(step, new_plain[p.name] - ed.model.get_parameter(p.name)), p.name
+    assert moved > 0  # (the last block's output at the subject reaches no target: its step is 0)
+    assert_unchanged(ed.model, before)
+    with pytest.raises(MetaEditError, match="first_order"):
+        make_editor("enn", "tiny-gpt2", rows="subject_last")
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])
 def test_enn_checkpoint_round_trips_and_holds_only_the_trained_subset(make_editor, tiny, tmp_path, name, record_property):

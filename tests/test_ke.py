@@ -68,7 +68,7 @@ def test_ke_subject_rows_sum_only_the_subjects_positions(make_editor, rows):
     assert encoder_layers > 0
     with pytest.raises(MetaEditError, match="rows"):
         make_editor("ke", "tiny-t5", rows="target")
-    with pytest.raises(MetaEditError, match="edit request"):
+    with pytest.raises(MetaEditError, match="one edit request per edit"):
         ed.per_edit_gradients(batch)
 
 def test_ke_batch_of_edits_is_the_sum_of_single_edits_and_leaves_the_base(make_editor):

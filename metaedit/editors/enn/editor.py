@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from metaedit.editors.base import Editor
+from metaedit.editors.rows import check_rows, per_edit_gradients
 from metaedit.functional import EditedModel, forward_logits, swapped_params
 from metaedit.losses import nll, token_kl
 from metaedit.models.inner_params import InnerParam
@@ -41,6 +42,10 @@ class ENNEditor(Editor):
             trainer's). θ are base weights that want a small learning rate; log α is one scalar per
             tensor whose useful range spans orders of magnitude, and at θ's rate Adam moves it by at
             most ~lr per step (tiny-gpt2, lr 3e-4: α 0.92–1.03 from 1.0 after 1000 steps).
+        rows: which positions' (u, δ) pairs make the inner gradient (metaedit/editors/rows.py):
+            "nonpad" the plain gradient, "subject" / "subject_last" the subject's (last) token(s) only.
+            Subject rows need first_order: the masked gradient is built from captured (u, δ), which
+            carry no graph for a second-order outer loss.
     """
 
     method = "enn"
@@ -58,13 +63,17 @@ class ENNEditor(Editor):
         c_base: float = 1.0,
         train_pattern: str | None = None,
         step_size_lr: float | None = None,
+        rows: str = "nonpad",
     ) -> None:
         super().__init__(model, inner_params)
+        check_rows("enn", rows)
+        if rows != "nonpad" and not first_order:
+            raise MetaEditError(f"enn rows={rows!r} needs first_order=true (the masked gradient carries no second-order graph)")
         if edit_lr <= 0 or n_steps < 1 or c_base < 0 or (step_size_lr is not None and step_size_lr <= 0):
             raise MetaEditError(f"enn needs edit_lr > 0, n_steps >= 1, c_base >= 0, step_size_lr > 0 or null; "
                                 f"got {edit_lr}, {n_steps}, {c_base}, {step_size_lr}")
         self.edit_lr_init, self.n_steps, self.first_order = edit_lr, n_steps, first_order
-        self.c_base, self.train_pattern, self.step_size_lr = c_base, train_pattern, step_size_lr
+        self.c_base, self.train_pattern, self.step_size_lr, self.rows = c_base, train_pattern, step_size_lr, rows
         inner_names = [p.name for p in self.inner_params]
         extra: list[str] = []
         if train_pattern is not None:
@@ -81,7 +90,7 @@ class ENNEditor(Editor):
 
     def hparams(self) -> dict[str, Any]:
         return {"edit_lr": self.edit_lr_init, "n_steps": self.n_steps, "first_order": self.first_order,
-                "c_base": self.c_base, "train_pattern": self.train_pattern, "step_size_lr": self.step_size_lr}
+                "c_base": self.c_base, "train_pattern": self.train_pattern, "step_size_lr": self.step_size_lr, "rows": self.rows}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         theta = [p for p in self.parameters() if p.requires_grad and p is not self.log_lrs]
@@ -139,19 +148,30 @@ class ENNEditor(Editor):
         names = self.trained_names[: len(self.inner_params)]
         lrs = self.log_lrs.exp()
         for _ in range(self.n_steps):
-            with torch.enable_grad():
-                # Second order: differentiate at the graph-carrying weights and keep that graph
-                # (create_graph), so the outer loss sees d∇L/dθ. Otherwise the gradient is taken at
-                # detached leaves and enters θ' as a constant: first-order MAML, dθ'/dθ = I.
-                at = {n: params[n] if second_order else params[n].detach().requires_grad_(True) for n in names}
-                view = {**params, **at} if second_order else {**{n: v.detach() for n, v in params.items()}, **at}
-                # Summed over target tokens so the per-edit step does not shrink as edits share a batch.
-                loss = nll(forward_logits(self.model, edit, view), edit.targets, reduction="sum")
-                grads = torch.autograd.grad(loss, list(at.values()), create_graph=second_order)
+            if self.rows != "nonpad":  # first order only (checked in __init__)
+                view = {n: v.detach() for n, v in params.items()}
+                per_edit = per_edit_gradients(self.model, self.inner_params, edit, self.rows, self.formatter, requests, view)
+                # Summed over the batch's edits; [d_out, d_in] back to the stored layout (Conv1D: [d_in, d_out]).
+                grads = tuple(g.sum(0).T if p.transposed else g.sum(0) for p, g in zip(self.inner_params, per_edit))
+            else:
+                grads = self._plain_gradients(edit, params, names, second_order)
             with torch.set_grad_enabled(meta):
                 for i, (n, g) in enumerate(zip(names, grads)):
                     params[n] = params[n] - (lrs[i] * g).to(params[n].dtype)
         return EditedModel(self.model, params)
+
+    def _plain_gradients(self, edit: LMBatch, params: dict[str, Tensor], names: list[str],
+                         second_order: bool) -> tuple[Tensor, ...]:
+        """∇L of the summed edit loss w.r.t. the inner params at `params` (the plain gradient, every position)."""
+        with torch.enable_grad():
+            # Second order: differentiate at the graph-carrying weights and keep that graph
+            # (create_graph), so the outer loss sees d∇L/dθ. Otherwise the gradient is taken at
+            # detached leaves and enters θ' as a constant: first-order MAML, dθ'/dθ = I.
+            at = {n: params[n] if second_order else params[n].detach().requires_grad_(True) for n in names}
+            view = {**params, **at} if second_order else {**{n: v.detach() for n, v in params.items()}, **at}
+            # Summed over target tokens so the per-edit step does not shrink as edits share a batch.
+            loss = nll(forward_logits(self.model, edit, view), edit.targets, reduction="sum")
+            return torch.autograd.grad(loss, list(at.values()), create_graph=second_order)
 
     def extra_losses(self, batch: EditBatch, edited: EditedModel) -> dict[str, Tensor]:
         if self.c_base == 0:

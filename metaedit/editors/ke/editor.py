@@ -12,15 +12,12 @@ from transformers import PreTrainedModel
 from metaedit.decoding import greedy_relabel
 from metaedit.editors.base import Editor
 from metaedit.editors.ke.networks import ConditionEncoder, MatrixConditioner
+from metaedit.editors.rows import check_rows, per_edit_gradients
 from metaedit.functional import EditedModel, forward_logits
-from metaedit.hooks import capture_layer_io
-from metaedit.locate.tokens import subject_row_mask
-from metaedit.losses import nll
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
 OBJECTIVES = ("shared", "constrained")
-ROWS_MODES = ("nonpad", "subject", "subject_last")
 
 
 class KEEditor(Editor):
@@ -82,8 +79,7 @@ class KEEditor(Editor):
         super().__init__(model, inner_params)
         if objective not in OBJECTIVES:
             raise MetaEditError(f"ke objective must be one of {OBJECTIVES}, got {objective!r}")
-        if rows not in ROWS_MODES:
-            raise MetaEditError(f"ke rows must be one of {list(ROWS_MODES)}, got {rows!r}")
+        check_rows("ke", rows)
         if embed_lr is not None and embed_lr <= 0:
             raise MetaEditError(f"ke needs embed_lr > 0 or null, got {embed_lr}")
         if lambda_init < 0 or lambda_lr <= 0 or not 0 < margin_min <= margin_init or not 0 < anneal_factor < 1:
@@ -169,32 +165,8 @@ class KEEditor(Editor):
         return self.encoder(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
 
     def per_edit_gradients(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None) -> list[Tensor]:
-        """∇W_i for each inner matrix and edit i: [n_edits, d_out, d_in], from one forward/backward.
-
-        For y = W u the gradient of a row's loss is Σ_t δ_t u_tᵀ over that row's positions, and rows of a
-        batch do not interact, so per-edit gradients are a per-row sum of the captured (u, δ); the
-        backward stops at the earliest inner layer (see capture_layer_io). With `rows` set to a
-        subject mode the sum runs over the subject's positions only (`requests` give the subjects).
-        """
-        keep = None
-        if self.rows != "nonpad":
-            if requests is None or len(requests) != len(edit) or self.formatter is None:
-                raise MetaEditError(f"ke rows={self.rows!r} needs the tokenizer and one edit request per edit")
-            keep = subject_row_mask(self.formatter, edit, requests, last_only=self.rows == "subject_last")
-        modules = {p.module_name: self.model.get_submodule(p.module_name) for p in self.inner_params}
-        with torch.enable_grad(), capture_layer_io(modules) as io:
-            # Summed over tokens: a per-edit gradient does not depend on which other edits share the batch.
-            loss = nll(forward_logits(self.model, edit), edit.targets, reduction="sum")
-            deltas = torch.autograd.grad(loss, [io[p.module_name][1] for p in self.inner_params])
-        grads = []
-        for p, d in zip(self.inner_params, deltas):
-            u = io[p.module_name][0].float()
-            # The prompt is read on the input stream (a causal LM's only one); a seq2seq decoder sees
-            # only the target, so its layers keep every position.
-            if keep is not None and (p.side == "input" or edit.decoder_input_ids is None):
-                u = u * keep.to(u.device).unsqueeze(-1)
-            grads.append(torch.einsum("bto,bti->boi", d.detach().float(), u))
-        return grads
+        """∇W_i for each inner matrix and edit i, [n_edits, d_out, d_in], over the `rows` positions."""
+        return per_edit_gradients(self.model, self.inner_params, edit, self.rows, self.formatter, requests)
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
         c = self.condition(edit, requests)
