@@ -24,15 +24,15 @@ def test_solve_is_the_closed_form_and_tends_to_the_summed_update():
     lam = torch.tensor(0.3, dtype=torch.float64)
     expected = d.T @ k @ torch.linalg.inv(k.T @ k + lam.exp() * torch.eye(4, dtype=torch.float64))
     torch.testing.assert_close(solve_shift(k.T @ k, d.T @ k, lam), expected)
-    # (KᵀK + e^λ I)⁻¹ → e^{-λ} I: e^λ ΔW → DᵀK, MEND's summed update Σ_t d_t k_tᵀ.
+    # (KᵀK + e^λ I)⁻¹ → e^{-λ} I: e^λ ΔW → DᵀK, the summed update Σ_t d_t k_tᵀ.
     big = torch.tensor(25.0, dtype=torch.float64)
     torch.testing.assert_close(big.exp() * solve_shift(k.T @ k, d.T @ k, big), d.T @ k, atol=1e-6, rtol=1e-6)
 
 
-def _non_trivial(ed, batch):
+def _non_trivial(ed, batch, reqs=None):
     torch.manual_seed(0)
     ed.train()
-    ed.transform(ed.capture(batch))  # running statistics
+    ed.transform(ed.capture(batch, reqs))  # running statistics
     ed.eval()
     with torch.no_grad():
         for net in ed.nets.values():
@@ -60,11 +60,13 @@ def test_chunked_and_unchunked_shifts_agree_and_large_lambda_gives_mends_update(
             residual = (g + lam.exp() * torch.eye(g.shape[0])) @ shift.T - c.T
             assert residual.norm() <= 1e-4 * c.norm(), float(residual.norm() / c.norm())
         ed.chunk_size = 64
-        # λ → ∞: e^λ ΔW → Σ_t η δ̃_t ũ_tᵀ, the update MEND's formula gives with the same networks.
+        # λ → ∞: e^λ ΔW → Σ_t d_t u_tᵀ with d_t = η (u_t·ũ_t) δ̃_t: the keys are the layer's real
+        # inputs u, each value shift the output change MEND's step η δ̃_t ũ_tᵀ makes at u_t.
         ed.log_lambdas.fill_(30.0)
         far = ed.weight_shifts(batch)
-        for i, ((u_t, d_t), shift) in enumerate(zip(ed.transform(ed.capture(batch)), far)):
-            summed = ed.edit_lrs[i] * d_t.T @ u_t
+        raw = ed.capture(batch)
+        for i, ((u, _), (u_t, d_t), shift) in enumerate(zip(raw, ed.transform(raw), far)):
+            summed = (ed.edit_lrs[i] * (u * u_t).sum(-1, keepdim=True) * d_t).T @ u
             torch.testing.assert_close(shift * torch.tensor(30.0).exp(), summed, atol=1e-4, rtol=1e-3)
         # W' = W − ΔW (Conv1D stored transposed)
         edited = ed.apply_edits(batch, []).params
@@ -72,6 +74,35 @@ def test_chunked_and_unchunked_shifts_agree_and_large_lambda_gives_mends_update(
             w = ed.model.get_parameter(p.name)
             torch.testing.assert_close(edited[p.name], w - (shift.T if p.transposed else shift))
 
+
+
+def test_each_edits_key_gets_the_change_mends_own_step_makes_there(make_editor):
+    """With few keys and a small λ the solve interpolates: at each edit's key u (the subject's last
+    token, the layer's real input) W' − W changes the output by −η (u·ũ) δ̃, exactly what MEND's
+    rank-1 step −η δ̃ ũᵀ for that edit alone makes at u — so a batch of edits keeps every edit's own
+    change instead of summing updates that disturb each other's keys. Solving with the pseudo keys
+    ũ (which the layer never reads) fails this."""
+    from metaedit.types import EditRequest
+    from tests.test_editors import TEST_SUBJECTS
+
+    ed = make_editor("malmen", "tiny-gpt2", rows="subject_last")
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(3))]
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    _non_trivial(ed, batch, reqs)
+    with torch.no_grad():
+        ed.log_lambdas.fill_(-12.0)
+        shifts = ed.weight_shifts(batch, reqs)
+        raw = ed.capture(batch, reqs)
+        checked = 0
+        for i, ((u, _), (u_t, d_t), shift) in enumerate(zip(raw, ed.transform(raw), shifts)):
+            if u.shape[0] == 0:
+                continue  # (a last block's output at the subject reaches no target: no rows)
+            mend_change = ed.edit_lrs[i] * (u * u_t).sum(-1, keepdim=True) * d_t  # per edit, at its own u
+            torch.testing.assert_close(u @ shift.T, mend_change, atol=1e-4 * float(mend_change.abs().max()), rtol=1e-3)
+            pseudo = solve_shift(u_t.T @ u_t, mend_change.T @ u_t, ed.log_lambdas[i])
+            assert (u @ pseudo.T - mend_change).norm() > 0.1 * mend_change.norm()
+            checked += 1
+        assert checked > 0
 
 def test_decoupled_training_gradient_equals_the_direct_one(make_editor):
     ed = make_editor("malmen", "tiny-gpt2", chunk_size=64)

@@ -1,4 +1,4 @@
-"""MALMEN: massive editing as least-squares aggregation of MEND-style pseudo updates (Tan et al., ICLR 2024)."""
+"""MALMEN: massive editing as least-squares aggregation of MEND-style updates (Tan et al., ICLR 2024)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def solve_shift(gram: Tensor, cross: Tensor, log_lambda: Tensor) -> Tensor:
 
     KᵀK + e^λ I is symmetric, so ΔWᵀ = (KᵀK + e^λ I)⁻¹ KᵀD: one solve in d_in dimensions whatever the
     number of rows of K. It is the ridge solution of min ‖K ΔWᵀ − D‖² + e^λ ‖ΔW‖²: the shift that best
-    maps every pseudo-key to its value shift at once, instead of summing per-edit updates (MEND)
-    that cancel as edits accumulate. As λ → ∞, e^λ ΔW → DᵀK, MEND's summed update.
+    maps every key to its value shift at once, instead of summing per-edit updates (MEND) that
+    cancel as edits accumulate. As λ → ∞, e^λ ΔW → DᵀK = Σ_t d_t k_tᵀ, a summed rank-1 update.
     """
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram + log_lambda.exp().to(gram.dtype) * eye, cross.T).T
@@ -35,8 +35,11 @@ def _out_of_memory(e: BaseException) -> bool:
 
 class MALMENEditor(MENDEditor):
     """MEND's shared networks map each kept position's (u_t, δ_t) to (ũ_t, δ̃_t); per inner layer ℓ,
-    K stacks the ũ_t (rows × d_in) and D the value shifts η_ℓ δ̃_t (rows × d_out), and
-    ΔW_ℓ = Dᵀ K (KᵀK + e^{λ_ℓ} I)⁻¹, W' = W − ΔW (descent, MEND's sign), λ_ℓ and η_ℓ learned.
+    K stacks the keys u_t — the layer's real inputs (rows × d_in) — and D the value shifts
+    d_t = η_ℓ (u_t·ũ_t) δ̃_t (rows × d_out), the output change MEND's step η_ℓ δ̃_t ũ_tᵀ would make at
+    u_t, and ΔW_ℓ = Dᵀ K (KᵀK + e^{λ_ℓ} I)⁻¹, W' = W − ΔW (descent, MEND's sign), λ_ℓ and η_ℓ learned:
+    the one shift that gives every edit's key its value shift at once. (Solving with the pseudo
+    keys ũ instead fits a map the layer never sees: the layer reads u.)
 
     KᵀK and DᵀK are sums over rows, so they are accumulated over chunks of `chunk_size` edits (one
     base forward/backward and one network pass per chunk): at edit time memory scales with the
@@ -98,8 +101,10 @@ class MALMENEditor(MENDEditor):
                 rows = self.capture(part, part_requests)
                 held = self._check_memory(rows, held)
                 pairs = self.transform(rows)
-                for i, (k, v) in enumerate(pairs):
-                    d = v * self.edit_lrs[i]  # value shifts: rows × d_out
+                for i, ((k, _), (k_tilde, d_tilde)) in enumerate(zip(rows, pairs)):
+                    # The keys are the layer's real inputs u (it is at u that W' is read), the value
+                    # shifts d = η (u·ũ) δ̃: the change MEND's rank-1 step η δ̃ ũᵀ makes at its own key.
+                    d = (self.edit_lrs[i] * (k * k_tilde).sum(-1, keepdim=True)) * d_tilde  # rows × d_out
                     gram, cross = k.T @ k, d.T @ k
                     prev = sums[i]
                     sums[i] = (gram, cross) if prev is None else (prev[0] + gram, prev[1] + cross)
