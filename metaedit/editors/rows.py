@@ -38,12 +38,14 @@ def per_edit_gradients(
     formatter: Any = None,
     requests: Sequence[EditRequest] | None = None,
     params: Mapping[str, Tensor] | None = None,
+    summed: bool = False,
 ) -> list[Tensor]:
     """∇W_i of the summed edit loss for each inner matrix and edit i: [n_edits, d_out, d_in], from one
     forward and a backward that stops at the earliest inner layer (capture_layer_io), at the model's
     weights or at `params` (a functional view). Rows of a batch do not interact, so per-edit
     gradients are per-row sums of the captured (u, δ); subject modes sum the subject's positions only
-    (`requests` give the subjects, `formatter` their token positions)."""
+    (`requests` give the subjects, `formatter` their token positions). `summed`: the batch's total
+    [d_out, d_in] instead, without materialising one matrix per edit."""
     keep = None
     if rows != "nonpad":
         if requests is None or len(requests) != len(edit) or formatter is None:
@@ -61,5 +63,5 @@ def per_edit_gradients(
         # only the target, so its layers keep every position.
         if keep is not None and (p.side == "input" or edit.decoder_input_ids is None):
             u = u * keep.to(u.device).unsqueeze(-1)
-        grads.append(torch.einsum("bto,bti->boi", d.detach().float(), u))
+        grads.append(torch.einsum("bto,bti->oi" if summed else "bto,bti->boi", d.detach().float(), u))
     return grads

@@ -150,9 +150,10 @@ class ENNEditor(Editor):
         for _ in range(self.n_steps):
             if self.rows != "nonpad":  # first order only (checked in __init__)
                 view = {n: v.detach() for n, v in params.items()}
-                per_edit = per_edit_gradients(self.model, self.inner_params, edit, self.rows, self.formatter, requests, view)
-                # Summed over the batch's edits; [d_out, d_in] back to the stored layout (Conv1D: [d_in, d_out]).
-                grads = tuple(g.sum(0).T if p.transposed else g.sum(0) for p, g in zip(self.inner_params, per_edit))
+                total = per_edit_gradients(self.model, self.inner_params, edit, self.rows, self.formatter, requests,
+                                           view, summed=True)
+                # [d_out, d_in] back to the stored layout (Conv1D: [d_in, d_out]).
+                grads = tuple(g.T if p.transposed else g for p, g in zip(self.inner_params, total))
             else:
                 grads = self._plain_gradients(edit, params, names, second_order)
             with torch.set_grad_enabled(meta):
