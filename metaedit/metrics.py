@@ -53,19 +53,50 @@ def post_edit_logits(edited: EditedModel, *batches: LMBatch) -> list[Tensor]:
     return out
 
 
-def outer_losses(
-    editor: Editor, batch: EditBatch, edited: EditedModel | None = None
-) -> tuple[Tensor, Tensor, Tensor, EditedModel, Tensor]:
-    """Apply the editor (unless `edited` is given) and return (L_edit on in-scope rephrases, L_loc KL,
-    pre-edit loc logits, edited model, post-edit in-scope logits). The pre-edit logits are the
-    batch's `loc_base` when it carries them (the unedited model's), else the editor's base logits."""
+@dataclass
+class OuterLosses:
+    """The outer-loop terms of one batch on its edited model."""
+
+    edit: Tensor  # L_edit: NLL of the new targets on the in-scope rephrases
+    loc: Tensor  # L_loc: token KL(pre ‖ post) on the out-of-scope inputs
+    margin: Tensor | None  # neighbour-margin loss (only when asked for)
+    edited: EditedModel
+    post_in: Tensor  # post-edit logits of the in-scope rephrases
+
+
+def neighbour_margins(loc_logits: Tensor, loc: LMBatch, new_logits: Tensor, loc_new: LMBatch) -> Tensor:
+    """Per out-of-scope input: log P(its answer) − log P(the edit's new target), mean per token —
+    positive where the model prefers the neighbour's own answer (CounterFact's ns counts those)."""
+    return mean_target_logprob(loc_logits, loc.targets) - mean_target_logprob(new_logits, loc_new.targets)
+
+
+def outer_losses(editor: Editor, batch: EditBatch, edited: EditedModel | None = None, margin: bool = False) -> OuterLosses:
+    """Apply the editor (unless `edited` is given) and compute the outer losses. The pre-edit logits
+    are the batch's `loc_base` when it carries them (the unedited model's), else the editor's base
+    logits. With `margin`, also the neighbour-margin loss: mean over out-of-scope inputs of
+    relu(m_pre − m_post), m = `neighbour_margins` — the KL barely sees the edit's new target gaining
+    probability on a neighbour that shares its template, which is exactly what ns counts; this term
+    charges every bit of margin the edit takes away (nothing for margin it adds)."""
     if edited is None:
         edited = editor.apply_edits(batch.edit, batch.requests)
-    post_in, post_loc = post_edit_logits(edited, batch.inscope, batch.loc)
+    if margin and batch.loc_new is None:
+        raise ValueError("the neighbour-margin loss (c_ns > 0) needs the batch's loc_new (neighbour prompts with the "
+                         "edit's new target); this batch has none")
+    extra = [batch.loc_new] if margin else []
+    post_in, post_loc, *post_new = post_edit_logits(edited, batch.inscope, batch.loc, *extra)
     l_edit = nll(post_in, batch.inscope.targets)
     pre_loc = batch.loc_base if batch.loc_base is not None else editor.base_logits(batch.loc)
     l_loc = token_kl(pre_loc, post_loc, batch.loc.kl_mask)
-    return l_edit, l_loc, pre_loc, edited, post_in
+    l_margin = None
+    if margin:
+        assert batch.loc_new is not None
+        pre = batch.loc_margin_base
+        if pre is None:
+            with torch.no_grad():
+                pre = neighbour_margins(pre_loc, batch.loc, editor.base_logits(batch.loc_new), batch.loc_new)
+        post = neighbour_margins(post_loc, batch.loc, post_new[0], batch.loc_new)
+        l_margin = torch.relu(pre.detach() - post).mean()
+    return OuterLosses(l_edit, l_loc, l_margin, edited, post_in)
 
 
 def _sync(device: torch.device) -> None:

@@ -14,7 +14,7 @@ import torch
 from metaedit.editors.base import Editor
 from metaedit.functional import EditedModel
 from metaedit.losses import exact_correct, nll
-from metaedit.metrics import MetricAccumulator, evaluate_edit_batch, outer_losses
+from metaedit.metrics import MetricAccumulator, evaluate_edit_batch, neighbour_margins, outer_losses
 from metaedit.prefix import PrefixCache, frozen_prefix
 from metaedit.types import EditBatch
 
@@ -52,6 +52,7 @@ class EditorSystem(pl.LightningModule):
         editor: Editor,
         c_edit: float = 0.1,
         c_loc: float = 1.0,
+        c_ns: float = 0.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         grad_clip: float = 100.0,
@@ -69,6 +70,10 @@ class EditorSystem(pl.LightningModule):
         self.editor = editor
         self.base = editor.model  # registered so Lightning moves it to the right device
         self.c_edit, self.c_loc = c_edit, c_loc
+        # Weight of the neighbour-margin loss (metrics.outer_losses); 0 leaves the reference objective.
+        if c_ns < 0:
+            raise ValueError(f"method.loss.c_ns must be >= 0, got {c_ns}")
+        self.c_ns = c_ns
         self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
         self.accumulate, self.max_nonfinite = max(1, accumulate), max_nonfinite
         if schedule not in ("constant", "cosine"):
@@ -118,10 +123,14 @@ class EditorSystem(pl.LightningModule):
 
     def _objective(self, batch: EditBatch, edited: EditedModel | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The outer loss of `batch` on `edited` (default: the editor applied to the batch's edits)."""
-        l_edit, l_loc, _, edited, post_in = outer_losses(self.editor, batch, edited)
-        success = exact_correct(post_in.detach(), batch.inscope.targets).float().mean()
-        loss = self.editor.outer_objective(l_edit, l_loc, self.c_edit, self.c_loc, edit_success=success)
-        logs = {"loss_edit": l_edit.detach(), "loss_loc": l_loc.detach()}
+        terms = outer_losses(self.editor, batch, edited, margin=self.c_ns > 0)
+        edited = terms.edited
+        success = exact_correct(terms.post_in.detach(), batch.inscope.targets).float().mean()
+        loss = self.editor.outer_objective(terms.edit, terms.loc, self.c_edit, self.c_loc, edit_success=success)
+        logs = {"loss_edit": terms.edit.detach(), "loss_loc": terms.loc.detach()}
+        if terms.margin is not None:
+            loss = loss + self.c_ns * terms.margin
+            logs["loss_margin"] = terms.margin.detach()
         for name, term in self.editor.extra_losses(batch, edited).items():
             loss = loss + term
             logs[f"loss_{name}"] = term.detach()
@@ -176,11 +185,16 @@ class EditorSystem(pl.LightningModule):
 
     def outer_step(self, batch: EditBatch) -> tuple[dict[str, torch.Tensor], bool]:
         """Outer loss and backward of one training batch (no optimizer step); (logs, finite)."""
+        margin = self.c_ns > 0 and batch.loc_new is not None
         if self.prefix is not None:
             batch = replace(batch, edit=self.prefix.attach(batch.edit), inscope=self.prefix.attach(batch.inscope),
-                            loc=self.prefix.attach(batch.loc))
+                            loc=self.prefix.attach(batch.loc),
+                            loc_new=self.prefix.attach(batch.loc_new) if margin else batch.loc_new)
         with torch.no_grad():
             batch = replace(batch, loc_base=self.editor.base_logits(batch.loc))
+            if margin:
+                new_base = self.editor.base_logits(batch.loc_new)
+                batch = replace(batch, loc_margin_base=neighbour_margins(batch.loc_base, batch.loc, new_base, batch.loc_new))
         self._finite = False
         # A lifelong sequence edits from its running edit (the editor sees it as its base weights);
         # locality stays against the unedited model (loc_base, computed above, outside it).
@@ -238,6 +252,8 @@ class EditorSystem(pl.LightningModule):
         # sum of the two outer losses, not a method's training objective (which may carry state).
         loss = self.c_edit * s["loss_edit"] + self.c_loc * s["loss_loc"]
         values = {f"val/{k}": s[k] for k in ("edit_acc", "rephrase_acc", "loc_retain", "drawdown", "edit_ms")}
+        # CounterFact's probability comparisons, where the val records carry true objects.
+        values.update({f"val/{k}": s[k] for k in ("es", "ps", "ns") if k in s})
         values.update({"val/loss_edit": s["loss_edit"], "val/loss_loc": s["loss_loc"], "val/loss": loss})
         for k, v in values.items():
             self.log(k, torch.tensor(v, device=self.device), sync_dist=True, prog_bar=k in ("val/loss", "val/rephrase_acc"))

@@ -157,7 +157,8 @@ class EditBatch:
     loc_prompts: list[str]
     loc_answers: list[str] = field(default_factory=list)
     # CounterFact comparisons (evaluation only, when every record has a true object): the edit
-    # prompts and rephrases scored with the *true* object, the out-of-scope prompts with the *new* one.
+    # prompts and rephrases scored with the *true* object, the out-of-scope prompts with the *new* one
+    # (`loc_new`, which training batches carry too, for the neighbour-margin loss).
     edit_true: LMBatch | None = None
     inscope_true: LMBatch | None = None
     loc_new: LMBatch | None = None
@@ -167,6 +168,9 @@ class EditBatch:
     # Logits of the unedited model on `loc`, when already computed (the trainer computes them before
     # a lifelong sequence's running edit is swapped in, so locality stays against the unedited model).
     loc_base: Tensor | None = None
+    # Per out-of-scope input, the unedited model's margin log P(answer) − log P(edit's new target)
+    # (mean per token, CounterFact's comparison): the reference of the neighbour-margin loss (c_ns).
+    loc_margin_base: Tensor | None = None
 
     @property
     def n_edits(self) -> int:
@@ -201,6 +205,8 @@ class EditBatch:
                 loc_new=None if self.loc_new is None else self.loc_new.select(loc),
                 loc_owner=None if self.loc_owner is None else self.loc_owner[loc.to(self.loc_owner.device)] - a,
                 loc_base=None if self.loc_base is None else self.loc_base[loc.to(self.loc_base.device)],
+                loc_margin_base=(None if self.loc_margin_base is None
+                                 else self.loc_margin_base[loc.to(self.loc_margin_base.device)]),
             ))
         return parts
 
@@ -211,6 +217,7 @@ class EditBatch:
             inscope=self.inscope.to(device),
             loc=self.loc.to(device),
             inscope_owner=self.inscope_owner.to(device),
-            **{k: getattr(self, k).to(device) for k in ("edit_true", "inscope_true", "loc_new", "loc_owner", "loc_base")
+            **{k: getattr(self, k).to(device) for k in ("edit_true", "inscope_true", "loc_new", "loc_owner", "loc_base",
+                                                        "loc_margin_base")
                if getattr(self, k) is not None},
         )

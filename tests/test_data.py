@@ -109,3 +109,24 @@ def test_formatter_reports_truncated_prompts_once_and_counts_them(tiny, name, ca
     # The kept part is the end of the prompt (what the answer follows), and the target is whole.
     row = batch.targets[0][batch.targets[0] != -100].tolist()
     assert row == f.target_ids("Port Amar")
+
+
+def test_train_edit_prompt_adds_each_edits_own_prompt_to_training_in_scope_rows_only(make_data, tiny):
+    from metaedit.models.loading import make_formatter
+
+    model, tok, cfg = tiny("tiny-gpt2")
+    formatter = make_formatter(model, tok, cfg)
+    plain = make_data(formatter, n_edits=2, rephrases_per_edit=1)
+    with_prompt = make_data(formatter, n_edits=2, rephrases_per_edit=1, train_edit_prompt=True)
+    for d in (plain, with_prompt):
+        d.setup("fit")
+    a, b = next(iter(plain.train_dataloader())), next(iter(with_prompt.train_dataloader()))
+    prompts = [q.prompt for q in b.requests]
+    assert [q.prompt for q in a.requests] == prompts  # same records and order (seeded)
+    assert len(b.inscope) == len(a.inscope) + 2 and all(p in b.inscope_prompts for p in prompts)
+    assert not any(p in a.inscope_prompts for p in prompts)
+    assert b.inscope_owner.tolist().count(0) == 2  # each prompt belongs to its own edit
+    # evaluation scores rephrases only, with or without the option
+    va, vb = next(iter(plain.val_dataloader())), next(iter(with_prompt.val_dataloader()))
+    assert va.inscope_prompts == vb.inscope_prompts
+    assert not any(q.prompt in vb.inscope_prompts for q in vb.requests)

@@ -6,6 +6,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from metaedit.functional import EditedModel
+from metaedit.losses import mean_target_logprob
+from metaedit.metrics import outer_losses
 from metaedit.system import EditorSystem
 
 
@@ -37,3 +40,48 @@ def test_a_few_steps_train_the_editor_and_not_the_base(make_editor, make_data):
     assert not torch.equal(up_before, net.up[0])  # zero-initialised blocks do learn
     assert all(torch.equal(v, ed.model.state_dict()[k]) for k, v in base.items())
     assert not ed.model.training  # the base stays in eval mode during meta-training
+
+
+def _train_batch(ed, make_data):
+    data = make_data(ed.formatter, n_edits=2, loc_per_edit=3)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def test_neighbour_margin_loss_charges_the_margin_an_edit_takes_away(make_editor, make_data):
+    ed = make_editor("mend", "tiny-gpt2")
+    batch = _train_batch(ed, make_data)
+    assert batch.loc_new is not None and len(batch.loc_new) == len(batch.loc)  # training batches carry it
+    base = {p.name: ed.model.get_parameter(p.name) for p in ed.inner_params}
+    untouched = outer_losses(ed, batch, EditedModel(ed.model, base), margin=True)
+    assert untouched.margin is not None and float(untouched.margin) == 0.0  # no edit, no margin lost
+    assert outer_losses(ed, batch, EditedModel(ed.model, base)).margin is None  # only when asked for
+
+    with torch.no_grad():
+        ed.edit_lrs.fill_(1.0)  # a step far too large: the new targets gain on every prompt, neighbours too
+    out = outer_losses(ed, batch, margin=True)
+
+    def margins(model) -> torch.Tensor:  # the metric's comparison, from plain forwards of each model
+        with torch.no_grad():
+            return (mean_target_logprob(model.logits(batch.loc), batch.loc.targets)
+                    - mean_target_logprob(model.logits(batch.loc_new), batch.loc_new.targets))
+
+    pre, post = margins(EditedModel(ed.model, base)), margins(out.edited)
+    assert (post < pre).any()
+    assert torch.allclose(out.margin.detach(), torch.relu(pre - post).mean(), atol=1e-5)
+    out.margin.backward()  # the loss reaches the editor's networks (what meta-training updates)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ed.nets.parameters())
+
+
+def test_c_ns_adds_the_weighted_margin_loss_to_the_objective(make_editor, make_data):
+    ed = make_editor("mend", "tiny-gpt2")
+    with torch.no_grad():
+        ed.edit_lrs.fill_(1.0)
+    ed.eval()  # MEND's running normalisers move in training mode: both objectives must see the same editor
+    batch = _train_batch(ed, make_data)
+    plain, plain_logs = EditorSystem(ed)._objective(batch)
+    weighted, logs = EditorSystem(ed, c_ns=2.0)._objective(batch)
+    assert "loss_margin" not in plain_logs and float(logs["loss_margin"]) > 0
+    assert torch.allclose(weighted, plain + 2.0 * logs["loss_margin"], atol=1e-5)
+    with pytest.raises(ValueError, match="c_ns"):
+        EditorSystem(ed, c_ns=-1.0)

@@ -41,8 +41,12 @@ class EditCollator:
     time) and, where a record lists `target_candidates`, a fresh new target; evaluation uses the
     record's `target_new` and all rephrases/locality inputs, so every metric covers all of them."""
 
-    def __init__(self, formatter: Formatter, sample: bool, rephrases: int = 1, loc: int = 1, seed: int = 0) -> None:
+    def __init__(self, formatter: Formatter, sample: bool, rephrases: int = 1, loc: int = 1, seed: int = 0,
+                 edit_prompt: bool = False) -> None:
         self.formatter, self.sample, self.n_rephrase, self.n_loc = formatter, sample, rephrases, loc
+        # Training only: the edit prompt itself joins the in-scope rows (L_edit then also asks that the
+        # edit lands where it was made, which CounterFact's es scores); evaluation keeps rephrases only.
+        self.edit_prompt = edit_prompt and sample
         self.rng = random.Random(seed)
 
     def _pick(self, items: list[Any], k: int) -> list[Any]:
@@ -74,7 +78,7 @@ class EditCollator:
         in_p, in_t, owner, loc_p, loc_a, loc_owner = [], [], [], [], [], []
         in_scope_of_another = self._in_scope_of_another(records)
         for i, r in enumerate(records):
-            for p in self._pick(r["rephrases"], self.n_rephrase):
+            for p in ([r["prompt"]] if self.edit_prompt else []) + self._pick(r["rephrases"], self.n_rephrase):
                 in_p.append(p)
                 in_t.append(targets[i])
                 owner.append(i)
@@ -88,12 +92,13 @@ class EditCollator:
             raise MetaEditError(f"these {len(records)} edits leave no locality input out of their scope (every one names a "
                                 f"subject the group edits); score them in smaller groups (a smaller n)")
         f = self.formatter
-        counterfact: dict[str, Any] = {}
+        # The neighbours scored with the edit's new target: CounterFact's ns in evaluation, the
+        # neighbour-margin loss (method.loss.c_ns) in training.
+        counterfact: dict[str, Any] = {"loc_new": f.batch(loc_p, [targets[i] for i in loc_owner])}
         if not self.sample and all(r.get("target_true") for r in records):
-            counterfact = {
+            counterfact |= {
                 "edit_true": f.batch([q.prompt for q in requests], [r["target_true"] for r in records]),
                 "inscope_true": f.batch(in_p, [records[i]["target_true"] for i in owner]),
-                "loc_new": f.batch(loc_p, [targets[i] for i in loc_owner]),
                 "generation_prompts": [p for r in records for p in r.get("generation_prompts", [])[:1]],
             }
         return EditBatch(
@@ -120,6 +125,7 @@ class EditDataModule(pl.LightningDataModule):
         n_edits: edits applied together in one training batch.
         eval_n_edits: edits applied together in one validation/test batch.
         rephrases_per_edit, loc_per_edit: sampled per edit in training.
+        train_edit_prompt: training's in-scope rows also hold each edit's own prompt (not only rephrases).
         eval_relations: keep only val/test records of these relations (empty: all), e.g. to score an
             editor trained with `heldout_relations` on exactly those; training records are untouched.
     """
@@ -136,6 +142,7 @@ class EditDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         eval_relations: Sequence[str] = (),
+        train_edit_prompt: bool = False,
     ) -> None:
         super().__init__()
         if n_edits < 1 or eval_n_edits < 1:
@@ -143,6 +150,7 @@ class EditDataModule(pl.LightningDataModule):
         self.name, self.data_dir, self.formatter = name, Path(data_dir), formatter
         self.n_edits, self.eval_n_edits = n_edits, eval_n_edits
         self.rephrases_per_edit, self.loc_per_edit = rephrases_per_edit, loc_per_edit
+        self.train_edit_prompt = bool(train_edit_prompt)
         self.num_workers, self.seed = num_workers, seed
         self.eval_relations = [str(r) for r in eval_relations or ()]
         self._records: dict[str, list[dict[str, Any]]] = {}
@@ -184,7 +192,8 @@ class EditDataModule(pl.LightningDataModule):
         train = split == "train"
         recs = self.records(split)[: limit or None]
         collate = EditCollator(
-            self.formatter, sample=train, rephrases=self.rephrases_per_edit, loc=self.loc_per_edit, seed=self.seed
+            self.formatter, sample=train, rephrases=self.rephrases_per_edit, loc=self.loc_per_edit, seed=self.seed,
+            edit_prompt=self.train_edit_prompt,
         )
         return DataLoader(
             RecordDataset(recs),
