@@ -77,11 +77,11 @@ def outer_losses(editor: Editor, batch: EditBatch, edited: EditedModel | None = 
     relu(m_pre − m_post), m = `neighbour_margins` — the KL barely sees the edit's new target gaining
     probability on a neighbour that shares its template, which is exactly what ns counts; this term
     charges every bit of margin the edit takes away (nothing for margin it adds)."""
-    if edited is None:
-        edited = editor.apply_edits(batch.edit, batch.requests)
     if margin and batch.loc_new is None:
         raise ValueError("the neighbour-margin loss (c_ns > 0) needs the batch's loc_new (neighbour prompts with the "
                          "edit's new target); this batch has none")
+    if edited is None:
+        edited = editor.apply_edits(batch.edit, batch.requests)
     extra = [batch.loc_new] if margin else []
     post_in, post_loc, *post_new = post_edit_logits(edited, batch.inscope, batch.loc, *extra)
     l_edit = nll(post_in, batch.inscope.targets)
