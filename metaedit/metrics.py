@@ -14,7 +14,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +45,12 @@ EXACT_KEYS = ("edit_acc", "rephrase_acc", "loc_retain", "drawdown")
 
 def post_edit_logits(edited: EditedModel, *batches: LMBatch) -> list[Tensor]:
     """Logits of the edited model for several batches in ONE forward pass (rows stacked)."""
-    logits = edited.logits(LMBatch.concat(batches))
+    return stacked_logits(edited.logits, *batches)
+
+
+def stacked_logits(logits_of: Callable[[LMBatch], Tensor], *batches: LMBatch) -> list[Tensor]:
+    """`logits_of` (a model's forward) for several batches in ONE pass: rows stacked, then split."""
+    logits = logits_of(LMBatch.concat(batches))
     out, start = [], 0
     for b in batches:
         out.append(logits[start : start + len(b), : b.width])

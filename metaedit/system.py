@@ -14,7 +14,7 @@ import torch
 from metaedit.editors.base import Editor
 from metaedit.functional import EditedModel
 from metaedit.losses import exact_correct, nll
-from metaedit.metrics import MetricAccumulator, evaluate_edit_batch, neighbour_margins, outer_losses
+from metaedit.metrics import MetricAccumulator, evaluate_edit_batch, neighbour_margins, outer_losses, stacked_logits
 from metaedit.prefix import PrefixCache, frozen_prefix
 from metaedit.types import EditBatch
 
@@ -191,10 +191,12 @@ class EditorSystem(pl.LightningModule):
                             loc=self.prefix.attach(batch.loc),
                             loc_new=self.prefix.attach(batch.loc_new) if margin else batch.loc_new)
         with torch.no_grad():
-            batch = replace(batch, loc_base=self.editor.base_logits(batch.loc))
-            if margin:
-                new_base = self.editor.base_logits(batch.loc_new)
-                batch = replace(batch, loc_margin_base=neighbour_margins(batch.loc_base, batch.loc, new_base, batch.loc_new))
+            if margin:  # the neighbours with their answers and with the edit's target, in one base forward
+                loc_base, new_base = stacked_logits(self.editor.base_logits, batch.loc, batch.loc_new)
+                batch = replace(batch, loc_base=loc_base,
+                                loc_margin_base=neighbour_margins(loc_base, batch.loc, new_base, batch.loc_new))
+            else:
+                batch = replace(batch, loc_base=self.editor.base_logits(batch.loc))
         self._finite = False
         # A lifelong sequence edits from its running edit (the editor sees it as its base weights);
         # locality stays against the unedited model (loc_base, computed above, outside it).

@@ -85,3 +85,15 @@ def test_c_ns_adds_the_weighted_margin_loss_to_the_objective(make_editor, make_d
     assert torch.allclose(weighted, plain + 2.0 * logs["loss_margin"], atol=1e-5)
     with pytest.raises(ValueError, match="c_ns"):
         EditorSystem(ed, c_ns=-1.0)
+
+
+def test_training_steps_with_the_margin_loss_log_it_and_train_the_editor(make_editor, make_data):
+    ed = make_editor("mend", "tiny-gpt2")
+    net = next(iter(ed.nets.values()))
+    up_before = net.up[0].detach().clone()
+    system = EditorSystem(ed, lr=1e-3, c_ns=1.0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, inference_mode=False)
+    trainer.fit(system, datamodule=make_data(ed.formatter, n_edits=2))
+    assert "train/loss_margin" in trainer.callback_metrics  # the term went through the trainer's step
+    assert not torch.equal(up_before, net.up[0])
