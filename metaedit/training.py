@@ -76,8 +76,11 @@ def _refuse_resuming_other_settings(run_dir: Path, cfg: DictConfig) -> None:
     assert isinstance(saved, dict) and isinstance(now, dict)
     old = _flat({k: saved.get(k) for k in IDENTITY_SECTIONS})
     new = _flat({k: now.get(k) for k in IDENTITY_SECTIONS})
+    # A setting the saved config lacks was added to the project after that run; at an "off" value
+    # (False, 0, None, empty: how new options default to the earlier behaviour) it changes nothing.
+    added_off = {k for k in new.keys() - old.keys() if new[k] in (False, 0, None, [], {})}
     changed = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(old.keys() | new.keys())
-               if old.get(k) != new.get(k)]
+               if old.get(k) != new.get(k) and k not in added_off]
     if changed:
         shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
         raise MetaEditError(

@@ -156,3 +156,20 @@ def test_continued_training_adds_the_earlier_training_time(tmp_path):
     assert "was trained with other settings" in res.stderr and "method.loss.c_loc" in res.stderr
     assert "-> 7.5" in res.stderr and "resume=false" in res.stderr
     assert (info_path.parent / "train_config.yaml").read_text() == saved
+
+
+def test_resuming_accepts_settings_added_after_the_run_only_at_their_off_value(tmp_path):
+    """A run saved before an option existed resumes under it at its off default (same behaviour);
+    switched on, it is a change and refused."""
+    from omegaconf import OmegaConf
+
+    from metaedit.training import _refuse_resuming_other_settings
+    from metaedit.types import MetaEditError
+
+    OmegaConf.save(OmegaConf.create({"method": {"loss": {"c_loc": 1.0}}, "data": {"n_edits": 2}, "seed": 0}),
+                   tmp_path / "train_config.yaml")
+    same = {"method": {"loss": {"c_loc": 1.0, "c_ns": 0.0}}, "data": {"n_edits": 2, "train_edit_prompt": False}, "seed": 0}
+    _refuse_resuming_other_settings(tmp_path, OmegaConf.create(same))
+    on = {**same, "data": {"n_edits": 2, "train_edit_prompt": True}}
+    with pytest.raises(MetaEditError, match=r"data.train_edit_prompt: '\(unset\)' -> True"):
+        _refuse_resuming_other_settings(tmp_path, OmegaConf.create(on))
