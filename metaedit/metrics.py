@@ -75,19 +75,38 @@ def neighbour_margins(loc_logits: Tensor, loc: LMBatch, new_logits: Tensor, loc_
     return mean_target_logprob(loc_logits, loc.targets) - mean_target_logprob(new_logits, loc_new.targets)
 
 
-def outer_losses(editor: Editor, batch: EditBatch, edited: EditedModel | None = None, margin: bool = False) -> OuterLosses:
+def first_token_margins(loc_logits: Tensor, loc: LMBatch, loc_new: LMBatch) -> Tensor:
+    """Per out-of-scope input: log P(first token of its answer) − log P(first token of the edit's new
+    target), both read from the logits of the neighbour's OWN row at the position its answer starts —
+    so the margin needs no forward of the neighbour with the new target (`loc_new` only supplies that
+    token). Exact for one-token targets; for longer ones it is the decision the answer's first token
+    makes, where an edit's target first takes over a neighbour."""
+    rows = torch.arange(len(loc), device=loc.targets.device)
+    start = (loc.targets != -100).int().argmax(-1)  # each row's first answer position
+    own = loc.targets[rows, start]
+    new = loc_new.targets[rows, (loc_new.targets != -100).int().argmax(-1)]
+    logp = torch.log_softmax(loc_logits[rows, start].float(), dim=-1)
+    answered = (loc.targets != -100).any(-1) & (loc_new.targets != -100).any(-1)  # a row without answer: no margin
+    return (logp[rows, own] - logp[rows, new]) * answered
+
+
+def outer_losses(editor: Editor, batch: EditBatch, edited: EditedModel | None = None, margin: bool = False,
+                 first_token: bool = False) -> OuterLosses:
     """Apply the editor (unless `edited` is given) and compute the outer losses. The pre-edit logits
     are the batch's `loc_base` when it carries them (the unedited model's), else the editor's base
     logits. With `margin`, also the neighbour-margin loss: mean over out-of-scope inputs of
     relu(m_pre − m_post), m = `neighbour_margins` — the KL barely sees the edit's new target gaining
     probability on a neighbour that shares its template, which is exactly what ns counts; this term
-    charges every bit of margin the edit takes away (nothing for margin it adds)."""
+    charges every bit of margin the edit takes away (nothing for margin it adds). With `first_token`
+    the margin is on the answers' first tokens from the neighbours' own rows (`first_token_margins`):
+    no forward of the neighbours with the new target, so it costs next to nothing."""
     if margin and batch.loc_new is None:
         raise ValueError("the neighbour-margin loss (c_ns > 0) needs the batch's loc_new (neighbour prompts with the "
                          "edit's new target); this batch has none")
     if edited is None:
         edited = editor.apply_edits(batch.edit, batch.requests)
-    extra = [batch.loc_new] if margin else []
+    full = margin and not first_token
+    extra = [batch.loc_new] if full else []
     post_in, post_loc, *post_new = post_edit_logits(edited, batch.inscope, batch.loc, *extra)
     l_edit = nll(post_in, batch.inscope.targets)
     pre_loc = batch.loc_base if batch.loc_base is not None else editor.base_logits(batch.loc)
@@ -96,10 +115,15 @@ def outer_losses(editor: Editor, batch: EditBatch, edited: EditedModel | None = 
     if margin:
         assert batch.loc_new is not None
         pre = batch.loc_margin_base
-        if pre is None:
+        if pre is None and not full:
+            pre = first_token_margins(pre_loc, batch.loc, batch.loc_new)
+        elif pre is None:
             with torch.no_grad():
                 pre = neighbour_margins(pre_loc, batch.loc, editor.base_logits(batch.loc_new), batch.loc_new)
-        post = neighbour_margins(post_loc, batch.loc, post_new[0], batch.loc_new)
+        if full:
+            post = neighbour_margins(post_loc, batch.loc, post_new[0], batch.loc_new)
+        else:
+            post = first_token_margins(post_loc, batch.loc, batch.loc_new)
         l_margin = torch.relu(pre.detach() - post).mean()
     return OuterLosses(l_edit, l_loc, l_margin, edited, post_in)
 

@@ -14,7 +14,14 @@ import torch
 from metaedit.editors.base import Editor
 from metaedit.functional import EditedModel
 from metaedit.losses import exact_correct, nll
-from metaedit.metrics import MetricAccumulator, evaluate_edit_batch, neighbour_margins, outer_losses, stacked_logits
+from metaedit.metrics import (
+    MetricAccumulator,
+    evaluate_edit_batch,
+    first_token_margins,
+    neighbour_margins,
+    outer_losses,
+    stacked_logits,
+)
 from metaedit.prefix import PrefixCache, frozen_prefix
 from metaedit.types import EditBatch
 
@@ -53,6 +60,7 @@ class EditorSystem(pl.LightningModule):
         c_edit: float = 0.1,
         c_loc: float = 1.0,
         c_ns: float = 0.0,
+        margin_first_token: bool = False,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         grad_clip: float = 100.0,
@@ -74,6 +82,9 @@ class EditorSystem(pl.LightningModule):
         if c_ns < 0:
             raise ValueError(f"method.loss.c_ns must be >= 0, got {c_ns}")
         self.c_ns = c_ns
+        # The margin from the neighbours' own rows only (metrics.first_token_margins), no forward of
+        # them with the edit's target: the margin loss then costs next to nothing.
+        self.margin_first_token = margin_first_token
         self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
         self.accumulate, self.max_nonfinite = max(1, accumulate), max_nonfinite
         if schedule not in ("constant", "cosine"):
@@ -123,7 +134,7 @@ class EditorSystem(pl.LightningModule):
 
     def _objective(self, batch: EditBatch, edited: EditedModel | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The outer loss of `batch` on `edited` (default: the editor applied to the batch's edits)."""
-        terms = outer_losses(self.editor, batch, edited, margin=self.c_ns > 0)
+        terms = outer_losses(self.editor, batch, edited, margin=self.c_ns > 0, first_token=self.margin_first_token)
         edited = terms.edited
         success = exact_correct(terms.post_in.detach(), batch.inscope.targets).float().mean()
         loss = self.editor.outer_objective(terms.edit, terms.loc, self.c_edit, self.c_loc, edit_success=success)
@@ -186,17 +197,20 @@ class EditorSystem(pl.LightningModule):
     def outer_step(self, batch: EditBatch) -> tuple[dict[str, torch.Tensor], bool]:
         """Outer loss and backward of one training batch (no optimizer step); (logs, finite)."""
         margin = self.c_ns > 0 and batch.loc_new is not None
+        full = margin and not self.margin_first_token  # the neighbours are also run with the edit's target
         if self.prefix is not None:
             batch = replace(batch, edit=self.prefix.attach(batch.edit), inscope=self.prefix.attach(batch.inscope),
                             loc=self.prefix.attach(batch.loc),
-                            loc_new=self.prefix.attach(batch.loc_new) if margin else batch.loc_new)
+                            loc_new=self.prefix.attach(batch.loc_new) if full else batch.loc_new)
         with torch.no_grad():
-            if margin:  # the neighbours with their answers and with the edit's target, in one base forward
+            if full:  # the neighbours with their answers and with the edit's target, in one base forward
                 loc_base, new_base = stacked_logits(self.editor.base_logits, batch.loc, batch.loc_new)
                 batch = replace(batch, loc_base=loc_base,
                                 loc_margin_base=neighbour_margins(loc_base, batch.loc, new_base, batch.loc_new))
             else:
                 batch = replace(batch, loc_base=self.editor.base_logits(batch.loc))
+                if margin:
+                    batch = replace(batch, loc_margin_base=first_token_margins(batch.loc_base, batch.loc, batch.loc_new))
         self._finite = False
         # A lifelong sequence edits from its running edit (the editor sees it as its base weights);
         # locality stays against the unedited model (loc_base, computed above, outside it).

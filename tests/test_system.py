@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from metaedit.functional import EditedModel
 from metaedit.losses import mean_target_logprob
-from metaedit.metrics import outer_losses
+from metaedit.metrics import first_token_margins, outer_losses
 from metaedit.system import EditorSystem
 
 
@@ -71,6 +73,47 @@ def test_neighbour_margin_loss_charges_the_margin_an_edit_takes_away(make_editor
     assert torch.allclose(out.margin.detach(), torch.relu(pre - post).mean(), atol=1e-5)
     out.margin.backward()  # the loss reaches the editor's networks (what meta-training updates)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ed.nets.parameters())
+
+
+def test_first_token_margin_reads_both_answers_from_the_neighbours_own_rows(make_editor, make_data):
+    ed = make_editor("mend", "tiny-gpt2")
+    batch = _train_batch(ed, make_data)
+    with torch.no_grad():
+        ed.edit_lrs.fill_(1.0)
+    out = outer_losses(ed, batch, margin=True, first_token=True)
+    base = EditedModel(ed.model, {p.name: ed.model.get_parameter(p.name) for p in ed.inner_params})
+
+    def margins(model) -> torch.Tensor:  # from the first answer token of each row's own forward
+        with torch.no_grad():
+            own, new = model.logits(batch.loc).log_softmax(-1), model.logits(batch.loc_new).log_softmax(-1)
+        first = lambda t: (t != -100).int().argmax(-1)  # noqa: E731
+        rows = torch.arange(len(batch.loc))
+        own_tok, new_tok = batch.loc.targets[rows, first(batch.loc.targets)], batch.loc_new.targets[rows, first(batch.loc_new.targets)]
+        # the new target's first token is predicted at the same place in the neighbour's row as in its loc_new row
+        assert torch.allclose(own[rows, first(batch.loc.targets), new_tok],
+                              new[rows, first(batch.loc_new.targets), new_tok], atol=1e-4)
+        return own[rows, first(batch.loc.targets), own_tok] - own[rows, first(batch.loc.targets), new_tok]
+
+    pre, post = margins(base), margins(out.edited)
+    assert (post < pre).any()
+    assert torch.allclose(out.margin.detach(), torch.relu(pre - post).mean(), atol=1e-5)
+    assert torch.allclose(out.margin.detach(), torch.relu(first_token_margins(base.logits(batch.loc), batch.loc, batch.loc_new)
+                                                          - post).mean(), atol=1e-5)
+    out.margin.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ed.nets.parameters())
+
+    # The training step takes this margin without ever running the neighbours with the new target:
+    # with token ids no embedding has, any forward of loc_new would fail.
+    poisoned = replace(batch, loc_new=replace(batch.loc_new, input_ids=torch.full_like(batch.loc_new.input_ids, 10**6)))
+    def system(**kw) -> EditorSystem:  # outside a Trainer: a plain backward instead of Lightning's
+        s = EditorSystem(ed, c_ns=1.0, **kw)
+        s._backward = lambda loss, check=None: loss.backward()  # type: ignore[method-assign]
+        return s
+
+    logs, _ = system(margin_first_token=True).outer_step(poisoned)
+    assert float(logs["loss_margin"]) > 0
+    with pytest.raises(IndexError):
+        system().outer_step(poisoned)
 
 
 def test_c_ns_adds_the_weighted_margin_loss_to_the_objective(make_editor, make_data):
