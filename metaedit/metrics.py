@@ -115,15 +115,12 @@ def outer_losses(editor: Editor, batch: EditBatch, edited: EditedModel | None = 
     if margin:
         assert batch.loc_new is not None
         pre = batch.loc_margin_base
-        if pre is None and not full:
-            pre = first_token_margins(pre_loc, batch.loc, batch.loc_new)
-        elif pre is None:
+        if pre is None:
             with torch.no_grad():
-                pre = neighbour_margins(pre_loc, batch.loc, editor.base_logits(batch.loc_new), batch.loc_new)
-        if full:
-            post = neighbour_margins(post_loc, batch.loc, post_new[0], batch.loc_new)
-        else:
-            post = first_token_margins(post_loc, batch.loc, batch.loc_new)
+                pre = (neighbour_margins(pre_loc, batch.loc, editor.base_logits(batch.loc_new), batch.loc_new) if full
+                       else first_token_margins(pre_loc, batch.loc, batch.loc_new))
+        post = (neighbour_margins(post_loc, batch.loc, post_new[0], batch.loc_new) if full
+                else first_token_margins(post_loc, batch.loc, batch.loc_new))
         l_margin = torch.relu(pre.detach() - post).mean()
     return OuterLosses(l_edit, l_loc, l_margin, edited, post_in)
 
