@@ -219,6 +219,22 @@ class EditorSystem(pl.LightningModule):
         self._advance_sequence(batch, self._finite)
         return logs, self._finite
 
+    def forward_backward(self, batch: EditBatch) -> None:
+        """One step's outer loss and backward on `batch` — no update, no gradient, no sequence state kept
+        (what `trainer.precision=auto` times in fp32 and in bf16 before training; see metaedit/precision.py)."""
+        with torch.no_grad():
+            batch = replace(batch, loc_base=self.editor.base_logits(batch.loc))
+            buffers = {name: b.clone() for name, b in self.editor.named_buffers()}  # e.g. MEND's running norms
+        lifelong, self.lifelong = self.lifelong, None
+        try:
+            self.editor.training_loss_and_backward(batch, self._objective, lambda loss, check=None: loss.backward())
+        finally:
+            self.lifelong, self._last_edited = lifelong, None
+            self.editor.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for name, b in self.editor.named_buffers():
+                    b.copy_(buffers[name])
+
     def training_step(self, batch: EditBatch, batch_idx: int) -> None:
         opt = self.optimizers()
         logs, finite = self.outer_step(batch)

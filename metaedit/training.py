@@ -119,7 +119,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ProgressLog(every_n_steps=cfg.progress_every_n_steps),
         ]
         logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
-        precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator", "auto"))
+        # `auto` times a real step of this run (its editor, its first training batch) where the CPU's flags
+        # allow bf16: they do not tell whether bf16 autocast pays off for this model and batch size.
+        first: list[Any] = []  # the first training batch, made only if a step is timed
+
+        def step() -> None:
+            if not first:
+                first.append(next(iter(data.loader("train", shuffle=False))))
+            system.forward_backward(first[0])
+
+        precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator", "auto"), step=step)
         extra: dict[str, Any] = {"precision": precision}
         if cfg.trainer.get("enable_progress_bar", True) and not sys.stdout.isatty():
             # A redrawn bar only garbles a log file or a pipe; ProgressLog's lines report progress there.

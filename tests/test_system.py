@@ -44,6 +44,20 @@ def test_a_few_steps_train_the_editor_and_not_the_base(make_editor, make_data):
     assert not ed.model.training  # the base stays in eval mode during meta-training
 
 
+def test_forward_backward_reaches_the_editor_and_keeps_nothing(make_editor, make_data):
+    """What precision=auto times: the real outer loss and its backward into the editor's networks, with
+    no gradient, buffer (MEND's running norms) or base weight changed afterwards."""
+    ed = make_editor("mend", "tiny-gpt2")
+    ed.train()
+    before = {k: v.clone() for k, v in ed.state_dict().items()}
+    reached: list[bool] = []
+    ed.edit_lrs.register_hook(lambda grad: reached.append(bool(grad.abs().sum() > 0)))
+    EditorSystem(ed).forward_backward(_train_batch(ed, make_data))
+    assert reached == [True]
+    assert all(p.grad is None for p in ed.parameters())
+    assert all(torch.equal(v, ed.state_dict()[k]) for k, v in before.items())
+
+
 def _train_batch(ed, make_data):
     data = make_data(ed.formatter, n_edits=2, loc_per_edit=3)
     data.setup("fit")
