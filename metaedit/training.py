@@ -128,7 +128,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 first.append(next(iter(data.loader("train", shuffle=False))))
             system.forward_backward(first[0])
 
-        precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator", "auto"), step=step)
+        # One process only: ranks timing on their own could choose differently (DDP keeps the flag rule).
+        one_process = str(cfg.trainer.get("devices", 1)) == "1"
+        precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator", "auto"),
+                                      step=step if one_process else None)
         extra: dict[str, Any] = {"precision": precision}
         if cfg.trainer.get("enable_progress_bar", True) and not sys.stdout.isatty():
             # A redrawn bar only garbles a log file or a pipe; ProgressLog's lines report progress there.
