@@ -27,16 +27,44 @@ TEST_SUBJECTS = [s for s in WORLD.subjects if WORLD.split_of[s] == "test"]
 SMALL_STATS = {"n_tokens": 3000, "seq_len": 64}
 
 
-def one_token_requests(tok, n: int) -> list[EditRequest]:
+def one_token_requests(model, tok, n: int) -> list[EditRequest]:
     """'The capital of X is' -> another capital that is one token (the tiny models recall at the last
-    prompt token, so a later target token would be predicted from a position the edit does not touch)."""
+    prompt token, so a later target token would be predicted from a position the edit does not touch).
+
+    The new capital is the base model's most likely one-token capital after the true one: a
+    counterfactual the model finds plausible, as edit benchmarks choose them. A fixed pick (the first
+    one-token capital) can sit at p ~ 1e-9 on one build of a tiny model and at 1e-3 on another (the
+    builds differ by machine), which would make whether an edit lands a property of the hardware."""
     out = []
     for s in TEST_SUBJECTS[:n]:
         true = WORLD.facts[(s, "capital")]
-        new = next(o for o in WORLD.objects["capital"]
-                   if o != true and len(tok(" " + o, add_special_tokens=False)["input_ids"]) == 1)
-        out.append(EditRequest(f"The capital of {s} is", new, s))
+        prompt = f"The capital of {s} is"
+        choices = [o for o in WORLD.objects["capital"]
+                   if o != true and len(tok(" " + o, add_special_tokens=False)["input_ids"]) == 1]
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            logp = model(**ids).logits[0, -1].log_softmax(-1)
+        first = [tok(" " + o, add_special_tokens=False)["input_ids"][0] for o in choices]
+        out.append(EditRequest(prompt, choices[int(logp[first].argmax())], s))
     return out
+
+
+def unrelated_prompt(tok, reqs: list[EditRequest]) -> str:
+    """A test subject's capital prompt that shares neither subject nor answer with `reqs`.
+
+    Answers are compared by their first token (what `greedy` reads). A subject whose capital is an
+    edited fact's old or new capital is the edit's neighbour, not unrelated: the tiny models recall at
+    the last prompt token in their first blocks (`python trace.py model=tiny-gpt2 data=synthetic`), so
+    the key at the edited layer already carries the recalled capital and a rank-one write there also
+    moves other subjects with that capital — ROME's known neighbourhood weakness (CounterFact's
+    neighbourhood prompts are exactly such subjects)."""
+    def first(o: str) -> int:
+        return tok(" " + o, add_special_tokens=False)["input_ids"][0]
+
+    taken = {first(o) for r in reqs for o in (WORLD.facts[(r.subject, "capital")], r.target)}
+    edited = {r.subject for r in reqs}
+    s = next(s for s in TEST_SUBJECTS if s not in edited and first(WORLD.facts[(s, "capital")]) not in taken)
+    return f"The capital of {s} is"
 
 
 def greedy(model, tok, prompt: str) -> str:
@@ -118,7 +146,7 @@ def test_memit_one_edit_one_layer_is_romes_closed_form(locate_editor):
     s = k*ᵀC⁻¹k* (Sherman–Morrison), so the two pipelines agree term for term."""
     rome = locate_editor("rome", layers=[1])
     memit = locate_editor("memit", layers=[1], mom2_update_weight=3.0, clamp_norm_factor=rome.delta_settings.clamp_norm_factor)
-    req = one_token_requests(rome.tokenizer, 1)[0]
+    req = one_token_requests(rome.model, rome.tokenizer, 1)[0]
     keys, _, d_rome = rome.rank_one(req, {})
     k = keys[:, 0]
     p = rome.inner_params[0]
@@ -221,8 +249,8 @@ def test_edit_changes_the_prediction_and_not_the_base(locate_editor, model_name,
     ed = locate_editor(method, model_name, **hparams)
     model, tok = ed.model, ed.tokenizer
     before = snapshot(model)
-    reqs = one_token_requests(tok, 3)
-    unrelated = f"The capital of {TEST_SUBJECTS[10]} is"
+    reqs = one_token_requests(model, tok, 3)
+    unrelated = unrelated_prompt(tok, reqs)
     landed = 0
     for req in reqs:
         assert greedy(model, tok, req.prompt) != req.target
@@ -243,7 +271,7 @@ def test_rome_batch_and_gpt2_conv1d_orientation(locate_editor):
     ed = locate_editor("rome", layers=[1])
     p = ed.inner_params[0]
     assert p.transposed
-    req = one_token_requests(ed.tokenizer, 1)[0]
+    req = one_token_requests(ed.model, ed.tokenizer, 1)[0]
     k, v, d = ed.rank_one(req, {})
     new = ed.apply_edits(None, [req]).params[p.name]
     assert new.shape == ed.model.get_parameter(p.name).shape
@@ -255,13 +283,13 @@ def test_rome_batch_and_gpt2_conv1d_orientation(locate_editor):
     assert k2.shape[1] == 2 and torch.linalg.matrix_rank(d2.double()) == 2
     new2 = ed2.apply_edits(None, [req2]).params[p.name]
     assert torch.allclose(new2.double().T @ k2.double(), v2.double(), rtol=1e-4, atol=1e-4)
-    two = ed.apply_edits(None, one_token_requests(ed.tokenizer, 2))
+    two = ed.apply_edits(None, one_token_requests(ed.model, ed.tokenizer, 2))
     assert not torch.equal(two.params[p.name], new)
 
 
 def test_missing_subject_is_refused_or_falls_back(locate_editor):
     ed = locate_editor("rome", "tiny-llama", fact_token="subject_last", subject_fallback="error", v_steps=1)
-    req = one_token_requests(ed.tokenizer, 1)[0]
+    req = one_token_requests(ed.model, ed.tokenizer, 1)[0]
     with pytest.raises(MetaEditError, match="has no subject"):
         ed.edit([EditRequest(req.prompt, req.target)])
     with pytest.raises(MetaEditError, match="does not occur"):
@@ -272,7 +300,7 @@ def test_missing_subject_is_refused_or_falls_back(locate_editor):
 
 def test_alphaedit_accumulates_keys_over_a_sequence_only(locate_editor):
     ed = locate_editor("alphaedit", "tiny-gpt2", null_space_threshold=1e-2, l2=0.1)
-    reqs = one_token_requests(ed.tokenizer, 3)[1:]
+    reqs = one_token_requests(ed.model, ed.tokenizer, 3)[1:]
     ed.edit([reqs[0]])
     assert ed.preserved == {}  # a single edit outside a sequence keeps nothing
     before = snapshot(ed.model)
@@ -308,7 +336,7 @@ def test_a_killed_sequence_resumes_from_its_last_save(locate_editor, tmp_path, m
     """A sequence saved part-way (edited weights + AlphaEdit's K_p K_pᵀ) and killed continues from the
     save and ends where the uninterrupted sequence ends; a save of another sequence is not used."""
     ed = locate_editor("alphaedit", "tiny-gpt2", null_space_threshold=1e-2, l2=0.1, v_steps=3)
-    group = SimpleNamespace(requests=one_token_requests(ed.tokenizer, 4))  # apply_protocol reads only .requests
+    group = SimpleNamespace(requests=one_token_requests(ed.model, ed.tokenizer, 4))  # apply_protocol reads only .requests
     protocol = Protocol("sequential", n=4, batch=1)
     whole, _, _ = apply_protocol(ed, group, protocol)
     whole_preserved = {k: v.clone() for k, v in ed.preserved.items()}
@@ -367,7 +395,7 @@ def test_value_shifts_are_cached_on_the_unedited_model_only(tiny, tmp_path, monk
                             tokenizer=tok, cache_dir=tmp_path)
 
     memit = make("memit")
-    reqs = one_token_requests(tok, 3)
+    reqs = one_token_requests(model, tok, 3)
     fresh = [memit.delta(q, 2, {}) for q in reqs[:2]]
     got = memit.deltas(reqs[:2], 2)
     files = sorted((tmp_path / "values").rglob("*.safetensors"))
@@ -387,7 +415,7 @@ def test_a_large_batch_logs_its_value_shifts_and_layers(locate_editor, monkeypat
     memit = locate_editor("memit", layers=[1, 2], v_steps=2)
     monkeypatch.setattr(type(memit), "report_from", 2)  # as if 2 edits were a large batch
     with caplog.at_level(logging.INFO, logger="metaedit.editors.locate_then_edit"):
-        memit.edit(one_token_requests(memit.tokenizer, 2))
+        memit.edit(one_token_requests(memit.model, memit.tokenizer, 2))
     lines = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("memit: 2/2 value shifts (100.0%)") for m in lines)
     assert [m.split(" (")[0] for m in lines if "layers read and solved" in m] == [
@@ -477,7 +505,7 @@ def test_alphaedit_preserved_facts_keep_their_values(locate_editor, tmp_path, ca
     assert "preserve_facts_min" not in kept.one_off_costs()
     kept.prepare()
     assert kept.one_off_costs()["preserve_facts_min"] >= 0 and "preserve_facts_min" not in plain.one_off_costs()
-    req = one_token_requests(plain.tokenizer, 1)[0]
+    req = one_token_requests(plain.model, plain.tokenizer, 1)[0]
     facts = [EditRequest(f"The capital of {s} is", WORLD.facts[(s, "capital")], s) for s in train]
     layer = plain.layers[-1]
     p = plain.param_of(layer)
@@ -503,7 +531,7 @@ def test_alphaedit_preserved_facts_keep_their_values(locate_editor, tmp_path, ca
     resumed = locate_editor("alphaedit", "tiny-gpt2", null_space_threshold=1e-2, l2=0.1,
                             preserve_facts=str(tmp_path), preserve_limit=len(train) - 1)
     running = plain.apply_edits(None, [req]).params
-    resumed.edit_sequential(one_token_requests(plain.tokenizer, 2), resume=SequenceState(1, running, {}))
+    resumed.edit_sequential(one_token_requests(plain.model, plain.tokenizer, 2), resume=SequenceState(1, running, {}))
     fresh = locate_editor("alphaedit", "tiny-gpt2", preserve_facts=str(tmp_path), preserve_limit=len(train) - 1)
     torch.testing.assert_close(resumed.facts_gram(layer), fresh.facts_gram(layer))
     with pytest.raises(MetaEditError, match="no train.json"):
