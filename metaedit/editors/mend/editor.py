@@ -130,7 +130,8 @@ class MENDEditor(Editor):
                 # The prompt is read on the input stream (causal LMs: their only stream); a seq2seq
                 # decoder sees only the target, so its layers keep every row.
                 keep &= subject_mask
-            rows.append((u[keep].float(), d[keep].float()))
+            # In the networks' dtype: float32, unless the editor was converted (float64 for exact checks).
+            rows.append((u[keep].to(self.edit_lrs.dtype), d[keep].to(self.edit_lrs.dtype)))
         return rows
 
     def transform(self, rows: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
