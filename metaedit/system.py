@@ -244,6 +244,8 @@ class EditorSystem(pl.LightningModule):
             if finite and torch.isfinite(norm):
                 opt.step()
                 self.lr_schedulers().step()
+                # The rate the next step runs with (the schedule's progress, in metrics.csv / W&B).
+                logs["lr"] = torch.tensor(float(opt.param_groups[0]["lr"]))
                 self.nonfinite_in_row = 0
                 logs["grad_norm"] = norm.detach()
                 self._log_editor_state(batch.n_edits)

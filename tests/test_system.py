@@ -154,3 +154,34 @@ def test_training_steps_with_the_margin_loss_log_it_and_train_the_editor(make_ed
     trainer.fit(system, datamodule=make_data(ed.formatter, n_edits=2))
     assert "train/loss_margin" in trainer.callback_metrics  # the term went through the trainer's step
     assert not torch.equal(up_before, net.up[0])
+
+
+class _LearningRates(pl.Callback):
+    """The learning rate each optimizer step runs with, and the one left after the last."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule_warms_up_then_follows_the_schedule_to_max_steps(make_editor, make_data, schedule):
+    ed = make_editor("mend", "tiny-gpt2")
+    lrs = _LearningRates()
+    system = EditorSystem(ed, lr=1e-3, schedule=schedule, warmup_steps=2)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, inference_mode=False, callbacks=[lrs])
+    trainer.fit(system, datamodule=make_data(ed.formatter, n_edits=2))
+    seen = lrs.seen
+    assert len(seen) == 7 and seen[0] < seen[1]  # six steps; the first at a warm-up fraction of lr
+    if schedule == "constant":
+        assert seen[1:] == [pytest.approx(1e-3)] * 6
+    else:  # decays every step after warm-up, to 5 % of lr at max_steps (the cosine runs' last steps)
+        assert all(a > b for a, b in zip(seen[1:], seen[2:])), seen
+        assert seen[1] <= 1e-3 and seen[-1] == pytest.approx(0.05e-3)
+    assert float(trainer.callback_metrics["train/lr"]) == pytest.approx(seen[-1])  # logged with the step
