@@ -41,9 +41,20 @@ def _method_hparams(method: str, override: Any = None) -> dict[str, Any]:
     return {str(k): v for k, v in merged.items()}
 
 
-def _same_eval(report: dict[str, Any], cfg: DictConfig, records_digest: str, editor_dir: Path) -> bool:
+def _plain(node: Any) -> dict[str, Any]:
+    """A config node (or None) as a plain dict."""
+    if node is None:
+        return {}
+    out = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    assert isinstance(out, dict)
+    return {str(k): v for k, v in out.items()}
+
+
+def _same_eval(report: dict[str, Any], cfg: DictConfig, records_digest: str, editor_dir: Path,
+               override: dict[str, Any]) -> bool:
     """A saved evaluation is reusable only if it was made with this benchmark's settings (protocol
-    included), on the same records, with the checkpoint that is there now."""
+    included), on the same records, with the checkpoint that is there now and the same overrides of
+    its saved hyper-parameters."""
     protocol = protocol_from(cfg)
     # Reports written before protocols existed were all single.
     made = (report.get("data"), report.get("split"), report.get("limit"), report.get("fluency_tokens"),
@@ -51,7 +62,7 @@ def _same_eval(report: dict[str, Any], cfg: DictConfig, records_digest: str, edi
             report.get("records_digest"), report.get("editor_digest"))
     now = (cfg.data.name, cfg.split, cfg.limit, cfg.fluency_tokens, protocol.name, protocol.n, protocol.batch,
            records_digest, editor_digest(editor_dir))
-    return made == now and "fwd_bwd_ms" in report["metrics"]
+    return made == now and report.get("hparams_override", {}) == override and "fwd_bwd_ms" in report["metrics"]
 
 
 def protocol_tag(protocol: Protocol) -> str:
@@ -124,7 +135,8 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         if name == "base":
             hparams["steps"] = 0  # no edit: the pre-edit model through the same code
         editor = build_editor(method, model, model_cfg, hparams, tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir)
-        if not editor.trainable():
+        trained = editor.trainable()
+        if not trained:
             editor_dir = work / name
             save_editor(editor, editor_dir)
             train_info: dict[str, Any] = {}
@@ -148,9 +160,11 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
             info = editor_dir / "train_info.json"
             train_info = json.loads(info.read_text()) if info.is_file() else {}
         del editor
+        # A trained editor's bench override changes saved hyper-parameters at load time (evaluate.py hparams).
+        override = {**_plain(variant.get("hparams")), **_plain(cfg.overrides.get(name))} if trained else {}
         result = work / f"{name}-eval{tag}.json"
         t0 = time.perf_counter()
-        if cfg.reuse and result.is_file() and _same_eval(json.loads(result.read_text()), cfg, records, editor_dir):
+        if cfg.reuse and result.is_file() and _same_eval(json.loads(result.read_text()), cfg, records, editor_dir, override):
             log.info("reusing %s (reuse=true)", result)
         else:
             # One log per protocol too: runs of two protocols may be going at once.
@@ -158,7 +172,8 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
             log.info("evaluating %s on %s edits (log: %s)", name, cfg.limit, eval_log)
             _run(["evaluate.py", f"editor={editor_dir}", *common, f"split={cfg.split}", f"limit={cfg.limit}",
                   f"fluency_tokens={cfg.fluency_tokens}", "time_reference=true", f"protocol={protocol.name}",
-                  f"n={protocol.n}", f"batch={protocol.batch}", f"output={result}"],
+                  f"n={protocol.n}", f"batch={protocol.batch}", f"output={result}",
+                  *(f"+hparams.{k}={json.dumps(v)}" for k, v in override.items())],
                  eval_log)
         report = json.loads(result.read_text())
         m = report["metrics"]
@@ -184,7 +199,8 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     if old is not None:
         # Keep the rows of methods not run this time (e.g. re-running only a newly trained editor).
         ran = {r["method"] for r in rows}
-        order = list(cfg.methods) + [r["method"] for r in old["rows"] if r["method"] not in cfg.methods]
+        # Rows keep their place in the saved table; methods new to it follow, in the order run.
+        order = [r["method"] for r in old["rows"]] + list(cfg.methods)
         by_name = {r["method"]: r for r in old["rows"] if r["method"] not in ran} | {r["method"]: r for r in rows}
         rows = [by_name[m] for m in dict.fromkeys(order) if m in by_name]
     result_doc = {

@@ -108,8 +108,10 @@ def _probes(req: dict[str, Any], unrelated: list[str]) -> list[tuple[str, str]]:
 
 def run_edit(cfg: Any) -> dict[str, Any]:
     from metaedit.editors.io import load_editor, resolve_editor_dir
+    from metaedit.evaluation import editor_overrides
 
-    editor = load_editor(resolve_editor_dir(cfg.editor), force=cfg.force, device=cfg.device, cache_dir=cfg.paths.cache_dir)
+    editor = load_editor(resolve_editor_dir(cfg.editor), force=cfg.force, device=cfg.device, cache_dir=cfg.paths.cache_dir,
+                         hparams=editor_overrides(cfg))
     if cfg.requests:
         reqs = read_requests_jsonl(cfg.requests)
     elif cfg.prompt and cfg.target:

@@ -157,6 +157,14 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def editor_overrides(cfg: Any) -> dict[str, Any]:
+    """The `hparams` node of an evaluate.py / edit.py config: saved editor hyper-parameters to override."""
+    from omegaconf import OmegaConf
+
+    node = cfg.get("hparams")
+    return dict(OmegaConf.to_container(node, resolve=True)) if node else {}
+
+
 def run_evaluation(cfg: Any) -> dict[str, Any]:
     """What `python evaluate.py` does: load the editor, evaluate a split, print and write JSON."""
     import json
@@ -166,7 +174,8 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
     from metaedit.editors.io import editor_digest, load_editor, resolve_editor_dir
 
     editor_dir = resolve_editor_dir(cfg.editor)
-    editor = load_editor(editor_dir, force=cfg.force, device=cfg.device, cache_dir=cfg.paths.cache_dir)
+    override = editor_overrides(cfg)
+    editor = load_editor(editor_dir, force=cfg.force, device=cfg.device, cache_dir=cfg.paths.cache_dir, hparams=override)
     protocol = protocol_from(cfg)
     data = instantiate(cfg.data, formatter=editor.formatter, eval_n_edits=protocol.n, _recursive_=False)
     out = Path(cfg.output) if cfg.output else editor_dir / f"eval-{data.name}-{cfg.split}.json"
@@ -175,6 +184,8 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
                              max_rows=int(cfg.get("max_rows") or MAX_ROWS),
                              save_sequences=out.with_suffix(".sequence") if cfg.get("resume", True) else None)
     report["editor_dir"], report["editor_digest"] = str(editor_dir), editor_digest(editor_dir)
+    if override:
+        report["hparams_override"] = override
     write_text_atomic(out, json.dumps(report, indent=1))
     print(format_report(report), flush=True)
     print(f"metrics written to {out}", flush=True)

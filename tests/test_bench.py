@@ -6,7 +6,7 @@ import json
 import re
 
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from metaedit.bench import _same_eval, run_bench
 from metaedit.data.readers import read_records
@@ -22,13 +22,16 @@ def test_saved_evaluation_is_reused_only_for_same_records_and_checkpoint(tmp_pat
     records = digest([{"case_id": "capital:France"}])
     report = {"data": "worldfacts", "split": "test", "limit": 5, "fluency_tokens": 0, "records_digest": records,
               "editor_digest": editor_digest(directory), "metrics": {"fwd_bwd_ms": 1.0}}
-    assert _same_eval(report, cfg, records, directory)
+    assert _same_eval(report, cfg, records, directory, {})
     # Other records (e.g. the split rebuilt in another order) or another limit: measure again.
-    assert not _same_eval(report, cfg, digest([{"case_id": "capital:Spain"}]), directory)
-    assert not _same_eval(report, OmegaConf.merge(cfg, {"limit": 6}), records, directory)
+    assert not _same_eval(report, cfg, digest([{"case_id": "capital:Spain"}]), directory, {})
+    assert not _same_eval(report, OmegaConf.merge(cfg, {"limit": 6}), records, directory, {})
+    # Another override of the saved hyper-parameters (evaluate.py hparams): measure again.
+    assert not _same_eval(report, cfg, records, directory, {"edit_scale": 2.0})
+    assert _same_eval({**report, "hparams_override": {"edit_scale": 2.0}}, cfg, records, directory, {"edit_scale": 2.0})
     # The checkpoint was replaced since (here: other hyper-parameters): measure again.
     save_editor(make_editor("ft", steps=3), directory)
-    assert not _same_eval(report, cfg, records, directory)
+    assert not _same_eval(report, cfg, records, directory, {})
 
 
 def _counterfact(i: int, subject: str, new: str, true: str) -> dict:
@@ -140,3 +143,20 @@ def test_a_variant_trained_on_other_data_keeps_this_benchmarks_test_out(tmp_path
 
     assert sum(any(names(r, s) for s in subjects) for r in plain) >= 4
     assert train and not [r for r in train if any(names(r, s) for s in subjects)]
+
+    # A variant of the same checkpoint with a saved hyper-parameter changed at load time
+    # (`variants.X.hparams`, evaluate.py `hparams`): evaluated with it, never reusing the plain row.
+    # Merged into the saved table (merge=true): rows keep their place, a new one follows.
+    with open_dict(cfg):
+        cfg.methods = ["mend_other_x2"]
+        cfg.variants.mend_other_x2 = {"method": "mend", "run_name": "mend-other", "hparams": {"edit_scale": 2.0}}
+        cfg.reuse, cfg.merge = True, True
+    rows = run_bench(cfg)["rows"]
+    assert [(r["method"], r["status"]) for r in rows] == [("mend_other", "ok"), ("mend_other_x2", "ok")], rows
+    cfg.methods = ["mend_other"]  # re-run (here: reused) the first row: the order stays
+    assert [r["method"] for r in run_bench(cfg)["rows"]] == ["mend_other", "mend_other_x2"]
+    work = tmp_path / "checkpoints" / "bench" / "tiny-gpt2-counterfact"
+    plain_report = json.loads((work / "mend_other-eval.json").read_text())
+    scaled_report = json.loads((work / "mend_other_x2-eval.json").read_text())
+    assert "hparams_override" not in plain_report and scaled_report["hparams_override"] == {"edit_scale": 2.0}
+    assert "overriding saved hyper-parameters {'edit_scale': 2.0}" in (work / "mend_other_x2-eval.log").read_text()

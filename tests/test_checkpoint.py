@@ -58,6 +58,29 @@ def test_mend_checkpoint_round_trips_bit_for_bit(make_editor, tiny, tmp_path, na
     print(f"{name} MEND editor checkpoint: {size / 2**20:.1f} MiB")
 
 
+def test_edit_scale_override_scales_the_saved_mends_update_and_bad_overrides_are_refused(make_editor, tiny, tmp_path):
+    ed = trained_like(make_editor("mend", "tiny-gpt2"))
+    ed.save_pretrained(str(tmp_path / "ed"))
+    model, _, _ = tiny("tiny-gpt2")
+    reqs = requests(2)
+    base = {p.name: model.get_parameter(p.name).detach().clone() for p in ed.inner_params}
+    plain = load_editor(tmp_path / "ed", model=model).edit(reqs).params
+    scaled_editor = load_editor(tmp_path / "ed", model=model, hparams={"edit_scale": 2.5})
+    assert scaled_editor.edit_scale == 2.5 and scaled_editor.hparams()["edit_scale"] == 2.5
+    scaled = scaled_editor.edit(reqs).params
+    for name, w in base.items():
+        # Same trained tensors, the step η_ℓ × 2.5: the weight change is 2.5 times the saved editor's.
+        assert (plain[name] - w).abs().max() > 0
+        torch.testing.assert_close(scaled[name] - w, 2.5 * (plain[name] - w), rtol=1e-4, atol=1e-6)
+        assert torch.equal(model.get_parameter(name), w)  # the base model is untouched
+    with pytest.raises(MetaEditError, match=r"mend has no hyper-parameter \['edit_sclae'\] to override"):
+        load_editor(tmp_path / "ed", model=model, hparams={"edit_sclae": 2.0})
+    with pytest.raises(MetaEditError, match="edit_scale must be > 0"):
+        load_editor(tmp_path / "ed", model=model, hparams={"edit_scale": 0})
+    with pytest.raises(MetaEditError, match=r"does not match a mend editor"):
+        load_editor(tmp_path / "ed", model=model, hparams={"rank": 3})  # a shape the saved tensors do not have
+
+
 def test_load_editor_without_model_loads_the_named_base(make_editor, tmp_path):
     ed = make_editor("ft", "tiny-gpt2", steps=7)
     ed.save_pretrained(str(tmp_path / "ft"))

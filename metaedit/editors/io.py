@@ -3,8 +3,10 @@ the base class uses without this module's registry of every editor)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +79,13 @@ def load_editor(
     force: bool = False,
     device: str | torch.device | None = None,
     cache_dir: str | Path | None = None,
+    hparams: Mapping[str, Any] | None = None,
 ) -> Editor:
     """Load a saved editor onto `model`, or onto the base model its checkpoint names (built or
-    converted models are looked up in `cache_dir`, default $METAEDIT_CACHE or ~/.cache/metaedit)."""
+    converted models are looked up in `cache_dir`, default $METAEDIT_CACHE or ~/.cache/metaedit).
+
+    `hparams` overrides saved hyper-parameters that leave the trained tensors' shapes alone (MEND's
+    edit_scale, chunk_size); one the method does not take, or one that changes a shape, is refused."""
     path = resolve_editor_dir(path)
     try:
         config = json.loads((path / CONFIG).read_text())
@@ -108,7 +114,15 @@ def load_editor(
         expected = (p.d_in, p.d_out) if p.transposed else (p.d_out, p.d_in)
         if tuple(w.shape) != expected:
             raise MetaEditError(f"editor {path}: {p.name} has shape {tuple(w.shape)}, editor expects {expected}")
-    editor = build_editor(method, model, model_cfg, config["hparams"], tokenizer=tokenizer, inner_params=inner,
+    saved = config["hparams"]
+    if hparams:
+        unknown = sorted(set(hparams) - set(inspect.signature(editor_class(method)).parameters) - {"model", "inner_params"})
+        if unknown:
+            raise MetaEditError(f"editor {path}: {method} has no hyper-parameter {unknown} to override "
+                                f"(saved: {sorted(saved)})")
+        log.info("editor %s: overriding saved hyper-parameters %s", path, dict(hparams))
+        saved = {**saved, **hparams}
+    editor = build_editor(method, model, model_cfg, saved, tokenizer=tokenizer, inner_params=inner,
                           cache_dir=cache_dir)
     state = load_file(str(path / WEIGHTS))
     try:

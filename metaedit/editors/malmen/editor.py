@@ -69,9 +69,10 @@ class MALMENEditor(MENDEditor):
         chunk_size: int = 64,
         memory_cap_mb: float | None = None,
         edit_lr_lr: float | None = None,
+        edit_scale: float = 1.0,
     ) -> None:
         super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
-                         edit_lr_lr=edit_lr_lr, chunk_size=chunk_size)
+                         edit_lr_lr=edit_lr_lr, chunk_size=chunk_size, edit_scale=edit_scale)
         self.lambda_init, self.memory_cap_mb = lambda_init, memory_cap_mb
         self.log_lambdas = nn.Parameter(torch.full((len(self.inner_params),), float(lambda_init)))
 
@@ -104,7 +105,7 @@ class MALMENEditor(MENDEditor):
                 for i, ((k, _), (k_tilde, d_tilde)) in enumerate(zip(rows, pairs)):
                     # The keys are the layer's real inputs u (it is at u that W' is read), the value
                     # shifts d = η (u·ũ) δ̃: the change MEND's rank-1 step η δ̃ ũᵀ makes at its own key.
-                    d = (self.edit_lrs[i] * (k * k_tilde).sum(-1, keepdim=True)) * d_tilde  # rows × d_out
+                    d = (self.step_size(i) * (k * k_tilde).sum(-1, keepdim=True)) * d_tilde  # rows × d_out
                     gram, cross = k.T @ k, d.T @ k
                     prev = sums[i]
                     sums[i] = (gram, cross) if prev is None else (prev[0] + gram, prev[1] + cross)

@@ -41,6 +41,11 @@ class MENDEditor(Editor):
         chunk_size: edits per base forward/backward when an edit is applied: the update is a sum
             over rows, so chunks give the same ΔW while memory scales with the chunk (one pass over
             1000 SmolLM2 edits was killed for memory at 22 GB).
+        edit_scale: a fixed multiplier on the learned step sizes η_ℓ. Meta-training learns η for its
+            own balance of L_edit and L_loc; at edit time a user may want more edit success for some
+            locality (or the reverse) without retraining: load a trained editor with
+            `hparams={"edit_scale": s}` (evaluate.py / edit.py `+hparams.edit_scale=s`) and choose s
+            on validation edits. 1.0 leaves the trained editor as it is.
         edit_lr_lr: the outer optimizer's learning rate for the step sizes η_ℓ (None: the trainer's;
             the reference code's `lr_lr`). Adam moves a parameter by about its learning rate per
             step, so at the networks' rate η needs thousands of steps to grow tenfold from 1e-4.
@@ -59,6 +64,7 @@ class MENDEditor(Editor):
         act: str = "gelu",
         edit_lr_lr: float | None = None,
         chunk_size: int = 64,
+        edit_scale: float = 1.0,
     ) -> None:
         super().__init__(model, inner_params)
         if chunk_size < 1:
@@ -67,8 +73,10 @@ class MENDEditor(Editor):
             raise MetaEditError(f"{self.method} rows must be one of {list(ROWS_MODES)}, got {rows!r}")
         if edit_lr_lr is not None and edit_lr_lr <= 0:
             raise MetaEditError(f"{self.method} edit_lr_lr must be > 0 or null, got {edit_lr_lr}")
+        if not edit_scale > 0:
+            raise MetaEditError(f"{self.method} edit_scale must be > 0, got {edit_scale}")
         self.rank, self.edit_lr_init, self.rows, self.n_blocks, self.act = rank, edit_lr, rows, n_blocks, act
-        self.edit_lr_lr, self.chunk_size = edit_lr_lr, chunk_size
+        self.edit_lr_lr, self.chunk_size, self.edit_scale = edit_lr_lr, chunk_size, float(edit_scale)
         # One network per distinct (d_in, d_out), shared by all layers of that shape.
         shapes = sorted({(p.d_in, p.d_out) for p in self.inner_params})
         self._slot: list[tuple[str, int]] = []
@@ -84,7 +92,11 @@ class MENDEditor(Editor):
 
     def hparams(self) -> dict[str, Any]:
         return {"rank": self.rank, "edit_lr": self.edit_lr_init, "rows": self.rows, "n_blocks": self.n_blocks,
-                "act": self.act, "edit_lr_lr": self.edit_lr_lr, "chunk_size": self.chunk_size}
+                "act": self.act, "edit_lr_lr": self.edit_lr_lr, "chunk_size": self.chunk_size, "edit_scale": self.edit_scale}
+
+    def step_size(self, i: int) -> Tensor:
+        """The step size η_ℓ of inner layer i as an edit applies it (times the fixed edit_scale)."""
+        return self.edit_lrs[i] * self.edit_scale if self.edit_scale != 1.0 else self.edit_lrs[i]
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         rest = [p for p in self.parameters() if p.requires_grad and p is not self.edit_lrs]
@@ -164,7 +176,7 @@ class MENDEditor(Editor):
             for i, (p, (u_t, d_t)) in enumerate(zip(self.inner_params, self.transform(self.capture(part, part_requests)))):
                 w = new_params[p.name]
                 # W − η Σ_t δ̃_t ũ_tᵀ as one fused addmm; η scales the n × d_out rows, not the full product.
-                step, u_t = (d_t * -self.edit_lrs[i]).to(w.dtype), u_t.to(w.dtype)
+                step, u_t = (d_t * -self.step_size(i)).to(w.dtype), u_t.to(w.dtype)
                 # Conv1D stores W as [d_in, d_out].
                 new_params[p.name] = torch.addmm(w, u_t.T, step) if p.transposed else torch.addmm(w, step.T, u_t)
         return EditedModel(self.model, new_params)
