@@ -163,6 +163,17 @@ def test_malmen_trains_with_train_py_and_its_checkpoint_round_trips(tmp_path):
         assert nll(ed.apply_edits(batch, []).logits(batch), batch.targets) != before
 
 
+def test_malmen_logs_its_learned_regularisers_beside_the_step_sizes(make_editor):
+    ed = make_editor("malmen", "tiny-gpt2", lambda_init=-2.0)
+    with torch.no_grad():
+        ed.log_lambdas[0] = 1.5
+    state = ed.state_to_log()
+    n = len(ed.inner_params)
+    assert float(state["log_lambda_max"]) == 1.5 and float(state["log_lambda_min"]) == -2.0
+    assert float(state["log_lambda_mean"]) == pytest.approx((1.5 - 2.0 * (n - 1)) / n)
+    assert "edit_lr_mean" in state  # MEND's step sizes still logged
+
+
 @pytest.mark.parametrize("method", ["mend", "malmen"])
 def test_lifelong_loss_includes_the_earlier_edits_of_the_sequence(make_editor, method):
     from metaedit.data.datamodule import EditCollator

@@ -79,6 +79,13 @@ class MALMENEditor(MENDEditor):
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb}
 
+    def state_to_log(self) -> dict[str, Tensor | float]:
+        # MEND's step sizes, and the learned regularisers: e^λ against KᵀK's scale says whether the
+        # solve fits every key (small λ) or has become a summed MEND update (large λ).
+        lam = self.log_lambdas.detach()
+        return {**super().state_to_log(), "log_lambda_mean": lam.mean(), "log_lambda_min": lam.min(),
+                "log_lambda_max": lam.max()}
+
     # ---- the least-squares shift ----------------------------------------------------------------
     def _check_memory(self, rows: Sequence[tuple[Tensor, Tensor]], held: float) -> float:
         """MB of this chunk's K/D rows (×(3 + 4·n_blocks) when an autograd graph keeps the networks'
