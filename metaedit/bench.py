@@ -51,7 +51,7 @@ def _plain(node: Any) -> dict[str, Any]:
 
 
 def _same_eval(report: dict[str, Any], cfg: DictConfig, records_digest: str, editor_dir: Path,
-               override: dict[str, Any]) -> bool:
+               override: dict[str, Any] | None = None) -> bool:
     """A saved evaluation is reusable only if it was made with this benchmark's settings (protocol
     included), on the same records, with the checkpoint that is there now and the same overrides of
     its saved hyper-parameters."""
@@ -62,7 +62,7 @@ def _same_eval(report: dict[str, Any], cfg: DictConfig, records_digest: str, edi
             report.get("records_digest"), report.get("editor_digest"))
     now = (cfg.data.name, cfg.split, cfg.limit, cfg.fluency_tokens, protocol.name, protocol.n, protocol.batch,
            records_digest, editor_digest(editor_dir))
-    return made == now and report.get("hparams_override", {}) == override and "fwd_bwd_ms" in report["metrics"]
+    return made == now and report.get("hparams_override", {}) == (override or {}) and "fwd_bwd_ms" in report["metrics"]
 
 
 def protocol_tag(protocol: Protocol) -> str:
