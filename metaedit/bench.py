@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from metaedit.data.records import digest, write_json_atomic
 from metaedit.editors.io import build_editor, editor_digest, save_editor
 from metaedit.editors.registry import EDITORS
-from metaedit.evaluation import protocol_from
+from metaedit.evaluation import plain_dict, protocol_from
 from metaedit.models.loading import CONFIG_DIR, load_base_model, make_formatter
 from metaedit.protocols import Protocol
 from metaedit.types import MetaEditError
@@ -39,15 +39,6 @@ def _method_hparams(method: str, override: Any = None) -> dict[str, Any]:
     merged = OmegaConf.to_container(OmegaConf.merge(base, override or {}), resolve=True)
     assert isinstance(merged, dict)
     return {str(k): v for k, v in merged.items()}
-
-
-def _plain(node: Any) -> dict[str, Any]:
-    """A config node (or None) as a plain dict."""
-    if node is None:
-        return {}
-    out = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    assert isinstance(out, dict)
-    return {str(k): v for k, v in out.items()}
 
 
 def _same_eval(report: dict[str, Any], cfg: DictConfig, records_digest: str, editor_dir: Path,
@@ -161,7 +152,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
             train_info = json.loads(info.read_text()) if info.is_file() else {}
         del editor
         # A trained editor's bench override changes saved hyper-parameters at load time (evaluate.py hparams).
-        override = {**_plain(variant.get("hparams")), **_plain(cfg.overrides.get(name))} if trained else {}
+        override = {**plain_dict(variant.get("hparams")), **plain_dict(cfg.overrides.get(name))} if trained else {}
         result = work / f"{name}-eval{tag}.json"
         t0 = time.perf_counter()
         if cfg.reuse and result.is_file() and _same_eval(json.loads(result.read_text()), cfg, records, editor_dir, override):

@@ -157,12 +157,20 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plain_dict(node: Any) -> dict[str, Any]:
+    """A config node, mapping or None as a plain dict with string keys."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not node:
+        return {}
+    out = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    assert isinstance(out, dict)
+    return {str(k): v for k, v in out.items()}
+
+
 def editor_overrides(cfg: Any) -> dict[str, Any]:
     """The `hparams` node of an evaluate.py / edit.py config: saved editor hyper-parameters to override."""
-    from omegaconf import OmegaConf
-
-    node = cfg.get("hparams")
-    return dict(OmegaConf.to_container(node, resolve=True)) if node else {}
+    return plain_dict(cfg.get("hparams"))
 
 
 def run_evaluation(cfg: Any) -> dict[str, Any]:

@@ -96,7 +96,7 @@ class MENDEditor(Editor):
 
     def step_size(self, i: int) -> Tensor:
         """The step size η_ℓ of inner layer i as an edit applies it (times the fixed edit_scale)."""
-        return self.edit_lrs[i] * self.edit_scale if self.edit_scale != 1.0 else self.edit_lrs[i]
+        return self.edit_lrs[i] * self.edit_scale
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         rest = [p for p in self.parameters() if p.requires_grad and p is not self.edit_lrs]
