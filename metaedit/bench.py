@@ -313,7 +313,9 @@ def scaling_plot(out: Path, model: str, data: str) -> Path | None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     methods = sorted({m for m, _ in series})
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    # tab20 past ten methods: with tab10 the eleventh line took the first one's colour.
+    cmap, n_colors = (plt.get_cmap("tab10"), 10) if len(methods) <= 10 else (plt.get_cmap("tab20"), 20)
+    colors = {m: cmap(i % n_colors) for i, m in enumerate(methods)}
     for (method, kind), pts in sorted(series.items()):
         style = "-" if kind == "batch" else "--"
         for ax, j in zip(axes, (1, 2)):
@@ -328,9 +330,10 @@ def scaling_plot(out: Path, model: str, data: str) -> Path | None:
     limits = sorted({d["limit"] for d in docs})
     axes[0].set_title(f"{model} / {data}: efficacy", fontsize=9)
     axes[1].set_title(f"neighbourhood (records per point: {', '.join(map(str, limits))})", fontsize=9)
-    axes[1].legend(fontsize=6, loc="lower left")
+    # Beside the plots, not over them: with a dozen lines an inside legend hides the points.
+    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     target = Path(f"{out}-scaling.png")
-    fig.savefig(target, dpi=110)
+    fig.savefig(target, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return target
