@@ -292,7 +292,6 @@ def test_smollm2_mend_recipe_resolves_on_a_shallow_llama(tiny):
     assert [u.shape[0] for u, _ in rows] == [2]
 
 
-
 @pytest.mark.parametrize("method, expect", [
     ("enn", {"first_order": True}),
     ("ke", {"rows": "nonpad", "init_lr": 0.1}),
@@ -330,6 +329,7 @@ def test_smollm2_enn_and_ke_recipes_build_working_editors(tiny, method, expect):
     with torch.no_grad():
         assert not torch.allclose(edited.logits(batch), forward_logits(model, batch), atol=1e-6)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-t5"])
 def test_logits_at_selected_positions_match_the_full_forward(make_editor, name):
