@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
 from metaedit.bench import _same_eval, run_bench
 from metaedit.data.readers import read_records
 from metaedit.data.records import digest
 from metaedit.editors.io import editor_digest, save_editor
+from metaedit.editors.registry import EDITORS
 from metaedit.models.loading import CONFIG_DIR
+from metaedit.system import Lifelong
 
 
 def test_saved_evaluation_is_reused_only_for_same_records_and_checkpoint(tmp_path, make_editor):
@@ -160,3 +164,23 @@ def test_a_variant_trained_on_other_data_keeps_this_benchmarks_test_out(tmp_path
     scaled_report = json.loads((work / "mend_other_x2-eval.json").read_text())
     assert "hparams_override" not in plain_report and scaled_report["hparams_override"] == {"edit_scale": 2.0}
     assert "overriding saved hyper-parameters {'edit_scale': 2.0}" in (work / "mend_other_x2-eval.log").read_text()
+
+
+def test_every_variants_training_command_composes():
+    """Each `variants.X.train` in bench.yaml is the train.py command that made that row's checkpoint
+    (and what train_missing=true runs): it must compose against train.py's configs — a misspelt key
+    would otherwise fail only when a benchmark reaches it, hours in — and its lifelong settings, where it
+    has them, must be ones training accepts."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        variants = compose("bench").variants
+        lifelong_rows = []
+        for name, variant in variants.items():
+            data = [f"data={variant.train_data}"] if variant.get("train_data") else []
+            cfg = compose("train", overrides=[f"method={variant.method}", *data, *variant.get("train", [])])
+            assert cfg.method.name == variant.method and variant.method in EDITORS, name
+            if cfg.method.loss.get("lifelong") is not None:
+                lifelong_rows.append((name, Lifelong(**cfg.method.loss.lifelong)))
+        assert [n for n, _ in lifelong_rows] == ["malmen_lifelong"]
+        # What the check above rests on: a key train.py's config does not have is refused.
+        with pytest.raises(ConfigCompositionException):
+            compose("train", overrides=["method=malmen", "method.loss.lifelong_steps=3"])
