@@ -90,6 +90,18 @@ def first_token_margins(loc_logits: Tensor, loc: LMBatch, loc_new: LMBatch) -> T
     return (logp[rows, own] - logp[rows, new]) * answered
 
 
+def inscope_margin_loss(post_in: Tensor, batch: EditBatch, margin: float) -> Tensor:
+    """Mean over the in-scope rows of relu(margin − [log P(new) − log P(true)]) on the targets' first
+    tokens, both read from the row's own post-edit logits where its target starts (no extra forward;
+    `inscope_true` only supplies the true object's first token). CounterFact's es / ps ask P(new) >
+    P(true); L_edit alone can raise both. A row whose new and true objects start alike adds nothing."""
+    if batch.inscope_true is None:
+        raise ValueError("the in-scope margin loss (c_es > 0) needs the records' true objects (target_true); "
+                         "this batch has none")
+    m = first_token_margins(post_in, batch.inscope, batch.inscope_true)
+    return torch.relu(margin - m).where(m != 0, torch.zeros_like(m)).mean()
+
+
 def outer_losses(editor: Editor, batch: EditBatch, edited: EditedModel | None = None, margin: bool = False,
                  first_token: bool = False) -> OuterLosses:
     """Apply the editor (unless `edited` is given) and compute the outer losses. The pre-edit logits

@@ -18,6 +18,7 @@ from metaedit.metrics import (
     MetricAccumulator,
     evaluate_edit_batch,
     first_token_margins,
+    inscope_margin_loss,
     neighbour_margins,
     outer_losses,
     stacked_logits,
@@ -61,6 +62,8 @@ class EditorSystem(pl.LightningModule):
         c_loc: float = 1.0,
         c_ns: float = 0.0,
         margin_first_token: bool = False,
+        c_es: float = 0.0,
+        es_margin: float = 1.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         grad_clip: float = 100.0,
@@ -85,6 +88,12 @@ class EditorSystem(pl.LightningModule):
         # The margin from the neighbours' own rows only (metrics.first_token_margins), no forward of
         # them with the edit's target: the margin loss then costs next to nothing.
         self.margin_first_token = margin_first_token
+        # Weight of the in-scope margin loss (`inscope_margin_loss`): L_edit only raises P(new), and an
+        # update that raises P(true) with it (an answer of the right kind, not the new one) lands no
+        # CounterFact edit; this term asks the new target's first token to beat the true one's.
+        if c_es < 0:
+            raise ValueError(f"method.loss.c_es must be >= 0, got {c_es}")
+        self.c_es, self.es_margin = c_es, es_margin
         self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
         self.accumulate, self.max_nonfinite = max(1, accumulate), max_nonfinite
         if schedule not in ("constant", "cosine"):
@@ -142,6 +151,10 @@ class EditorSystem(pl.LightningModule):
         if terms.margin is not None:
             loss = loss + self.c_ns * terms.margin
             logs["loss_margin"] = terms.margin.detach()
+        if self.c_es > 0:
+            l_es = inscope_margin_loss(terms.post_in, batch, self.es_margin)
+            loss = loss + self.c_es * l_es
+            logs["loss_es_margin"] = l_es.detach()
         for name, term in self.editor.extra_losses(batch, edited).items():
             loss = loss + term
             logs[f"loss_{name}"] = term.detach()

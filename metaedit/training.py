@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
 from metaedit.callbacks import AtomicModelCheckpoint, ProgressLog, SaveBestEditor, TimeBudget
+from metaedit.editors.base import Editor
 from metaedit.editors.io import build_editor, load_editor, model_config_for, save_editor
 from metaedit.evaluation import evaluate_editor, format_report
 from metaedit.models.loading import load_base_model
@@ -89,6 +90,27 @@ def _refuse_resuming_other_settings(run_dir: Path, cfg: DictConfig) -> None:
             f"(overwrites {run_dir})")
 
 
+def init_from_saved(editor: Editor, path: str | Path, model: Any, tokenizer: Any, cache_dir: str | None) -> None:
+    """Start `editor` from a saved editor's tensors (`train.py init_from=checkpoints/<run>/best`), e.g. to
+    continue a trained editor under another objective (lifelong training from a plain MALMEN) without
+    paying for the steps it already took. The saved editor must be of the same method, for the same
+    base model and inner params, with tensors of the same shapes; its other settings (step sizes'
+    initial value, loss weights) are this run's. The optimizer starts fresh."""
+    saved = load_editor(path, model=model, tokenizer=tokenizer, cache_dir=cache_dir)
+    if saved.method != editor.method:
+        raise MetaEditError(f"init_from={path}: a {saved.method} editor cannot start a {editor.method} run")
+    names, saved_names = [p.name for p in editor.inner_params], [p.name for p in saved.inner_params]
+    if names != saved_names:
+        raise MetaEditError(f"init_from={path}: it edits {saved_names[:3]}... ({len(saved_names)} params) but this run "
+                            f"edits {names[:3]}... ({len(names)}); set model.inner_params as it was trained")
+    try:
+        editor.load_state_dict(saved.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise MetaEditError(f"init_from={path}: its tensors do not fit this run's {editor.method} editor "
+                            f"(a changed shape setting, e.g. rank?): {str(e).splitlines()[-1].strip()}") from None
+    log.info("init_from %s: %d editor tensors loaded (optimizer fresh)", path, len(saved.state_dict()))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Meta-train the configured editor; return the test report (or {} when evaluation is off)."""
     t_start = time.perf_counter()
@@ -100,8 +122,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data = instantiate(cfg.data, formatter=editor.formatter, _recursive_=False)
     run_dir = Path(cfg.paths.checkpoint_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and editor.trainable() and (run_dir / "last.ckpt").is_file():
+    resuming = bool(cfg.resume and editor.trainable() and (run_dir / "last.ckpt").is_file())
+    if resuming:
         _refuse_resuming_other_settings(run_dir, cfg)
+    if cfg.get("init_from"):
+        if resuming:
+            log.info("init_from %s not used: the run resumes from its own last.ckpt", cfg.init_from)
+        else:
+            init_from_saved(editor, cfg.init_from, model, tokenizer, cfg.paths.cache_dir)
     (run_dir / "train_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run %s: %d inner params, editor has %d trainable parameters", cfg.run_name,
              len(editor.inner_params), sum(p.numel() for p in editor.parameters() if p.requires_grad))

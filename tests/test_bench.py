@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -173,14 +175,20 @@ def test_every_variants_training_command_composes():
     has them, must be ones training accepts."""
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         variants = compose("bench").variants
-        lifelong_rows = []
+        lifelong_rows, runs, starts = [], set(), {}
         for name, variant in variants.items():
             data = [f"data={variant.train_data}"] if variant.get("train_data") else []
-            cfg = compose("train", overrides=[f"method={variant.method}", *data, *variant.get("train", [])])
+            run = [f"run_name={variant.run_name}"] if variant.get("run_name") else []
+            cfg = compose("train", overrides=[f"method={variant.method}", *data, *run, *variant.get("train", [])])
             assert cfg.method.name == variant.method and variant.method in EDITORS, name
             if cfg.method.loss.get("lifelong") is not None:
                 lifelong_rows.append((name, Lifelong(**cfg.method.loss.lifelong)))
-        assert [n for n, _ in lifelong_rows] == ["malmen_lifelong"]
+            runs |= {cfg.run_name, compose("train", overrides=[f"method={variant.method}", *data]).run_name}
+            if cfg.get("init_from"):
+                starts[name] = Path(cfg.init_from)
+        assert [n for n, _ in lifelong_rows] == ["malmen_lifelong", "malmen_lifelong_ws"]
+        # A row started from another editor (init_from) names a run the benchmark itself trains.
+        assert starts and all(p.name == "best" and p.parent.name in runs for p in starts.values()), starts
         # What the check above rests on: a key train.py's config does not have is refused.
         with pytest.raises(ConfigCompositionException):
             compose("train", overrides=["method=malmen", "method.loss.lifelong_steps=3"])

@@ -81,6 +81,39 @@ def test_edit_scale_override_scales_the_saved_mends_update_and_bad_overrides_are
         load_editor(tmp_path / "ed", model=model, hparams={"rank": 3})  # a shape the saved tensors do not have
 
 
+def test_edit_steps_gives_further_steps_only_to_edits_that_have_not_landed(make_editor, tiny, tmp_path):
+    """MEND's edit_steps (an edit-time choice): step k+1 starts from step k's weights and takes only the
+    edits whose target is not yet the greedy answer; meta-training keeps the one step it learns."""
+    from metaedit.functional import forward_logits
+    from metaedit.losses import exact_correct
+    from tests.test_editors import TEST_SUBJECTS, WORLD
+
+    ed = trained_like(make_editor("mend", "tiny-gpt2"))
+    ed.save_pretrained(str(tmp_path / "ed"))
+    model, _, _ = tiny("tiny-gpt2")
+    subject = TEST_SUBJECTS[0]
+    # The model's own answer (landed before any edit, and after MEND's small untrained step) and a new one.
+    prompt, new = requests(1)[0]
+    reqs = [(prompt, WORLD.facts[(subject, "capital")]), (prompt, new)]
+    one = load_editor(tmp_path / "ed", model=model)
+    batch = one.formatter.batch(*zip(*reqs))
+    after_one = one.edit(reqs)
+    assert exact_correct(forward_logits(model, batch, after_one.params), batch.targets).tolist() == [True, False]
+    two = load_editor(tmp_path / "ed", model=model, hparams={"edit_steps": 2})
+    seen: list[int] = []
+    capture = two.capture
+    two.capture = lambda edit, *a, **k: seen.append(len(edit)) or capture(edit, *a, **k)  # type: ignore[method-assign]
+    after_two = two.edit(reqs)
+    assert seen == [2, 1]  # both edits, then only the one that had not landed
+    assert any(not torch.equal(after_two.params[n], after_one.params[n]) for n in after_one.params)
+    seen.clear()
+    two.train()
+    two.apply_edits(batch, [])
+    assert seen == [2]  # training: one step
+    with pytest.raises(MetaEditError, match="edit_steps must be >= 1"):
+        load_editor(tmp_path / "ed", model=model, hparams={"edit_steps": 0})
+
+
 def test_load_editor_without_model_loads_the_named_base(make_editor, tmp_path):
     ed = make_editor("ft", "tiny-gpt2", steps=7)
     ed.save_pretrained(str(tmp_path / "ft"))

@@ -173,3 +173,33 @@ def test_resuming_accepts_settings_added_after_the_run_only_at_their_off_value(t
     on = {**same, "data": {"n_edits": 2, "train_edit_prompt": True}}
     with pytest.raises(MetaEditError, match=r"data.train_edit_prompt: '\(unset\)' -> True"):
         _refuse_resuming_other_settings(tmp_path, OmegaConf.create(on))
+
+
+def test_init_from_starts_a_run_from_a_saved_editors_tensors(tmp_path):
+    """`init_from` loads a saved editor's tensors into a new run (at learning rate 0 they come out
+    unchanged, where a fresh run's differ); an editor of another shape is refused by name."""
+    from safetensors.torch import load_file
+
+    base = ["train.py", "method=mend", "model=tiny-gpt2", "data=synthetic", "evaluate_after=false", "logger=none",
+            "trainer.val_check_interval=1000", "trainer.enable_progress_bar=false", "trainer.max_steps=2"]
+    runs = tmp_path / "checkpoints"
+    res = run_cli([*base, "run_name=first"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first = load_file(str(runs / "first" / "best" / "editor.safetensors"))
+    for name, extra in (("continued", [f"init_from={runs / 'first' / 'best'}"]), ("fresh", [])):
+        res = run_cli([*base, f"run_name={name}", "method.optim.lr=0.0", *extra], tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    continued = load_file(str(runs / "continued" / "best" / "editor.safetensors"))
+    fresh = load_file(str(runs / "fresh" / "best" / "editor.safetensors"))
+    assert continued.keys() == first.keys()
+    # The networks' weights and step sizes (lr 0: unchanged); their running input statistics carry on
+    # counting from the saved ones (the same data, so the saved count plus a fresh run's).
+    counts = [k for k in first if k.endswith(".count")]
+    weights = [k for k in first if ".norms." not in k]
+    assert counts and weights
+    assert all(torch.equal(continued[k], first[k]) for k in weights)
+    assert not all(torch.equal(fresh[k], first[k]) for k in weights)
+    assert all(torch.equal(continued[k], first[k] + fresh[k]) for k in counts)
+    res = run_cli([*base, "run_name=other", "method.editor.rank=3", f"init_from={runs / 'first' / 'best'}"], tmp_path)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "init_from=" in res.stderr and "do not fit this run's mend editor" in res.stderr

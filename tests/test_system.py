@@ -156,6 +156,41 @@ def test_training_steps_with_the_margin_loss_log_it_and_train_the_editor(make_ed
     assert not torch.equal(up_before, net.up[0])
 
 
+def test_inscope_margin_loss_charges_rephrases_where_the_true_object_still_wins(make_editor, make_data):
+    """c_es: relu(κ − [log P(new) − log P(true)]) on each rephrase's first target token, read from its own
+    row; zero where the new object already leads by κ, larger the more the true one leads; a row whose
+    objects start alike adds nothing; the weighted term enters the objective; no true objects: refused."""
+    from metaedit.metrics import inscope_margin_loss
+
+    ed = make_editor("mend", "tiny-gpt2")
+    batch = _train_batch(ed, make_data)
+    assert batch.inscope_true is not None and len(batch.inscope_true) == len(batch.inscope)  # training carries it
+    rows = torch.arange(len(batch.inscope))
+    start = (batch.inscope.targets != -100).int().argmax(-1)
+    new = batch.inscope.targets[rows, start]
+    true = batch.inscope_true.targets[rows, (batch.inscope_true.targets != -100).int().argmax(-1)]
+    differ = new != true
+    assert differ.any()
+    logits = torch.zeros(*batch.inscope.targets.shape, len(ed.formatter.tokenizer))
+    logits[rows, start, new] = 5.0  # the new object's first token leads by 5 nats everywhere
+    assert float(inscope_margin_loss(logits, batch, margin=1.0)) == 0.0
+    logits[rows, start, true] = 5.0 + 2.0 * differ  # ... now the true one leads by 2 where they differ
+    expected = (3.0 * differ).sum() / len(rows)  # relu(1 − (−2)) on those rows, 0 on the others
+    assert torch.allclose(inscope_margin_loss(logits, batch, margin=1.0), expected)
+
+    with torch.no_grad():
+        ed.edit_lrs.fill_(1.0)
+    ed.eval()  # MEND's running normalisers move in training mode: both objectives must see the same editor
+    plain, plain_logs = EditorSystem(ed)._objective(batch)
+    weighted, logs = EditorSystem(ed, c_es=2.0, es_margin=3.0)._objective(batch)
+    assert "loss_es_margin" not in plain_logs and float(logs["loss_es_margin"]) > 0
+    assert torch.allclose(weighted, plain + 2.0 * logs["loss_es_margin"], atol=1e-5)
+    with pytest.raises(ValueError, match="target_true"):
+        EditorSystem(ed, c_es=1.0)._objective(replace(batch, inscope_true=None))
+    with pytest.raises(ValueError, match="c_es"):
+        EditorSystem(ed, c_es=-1.0)
+
+
 class _LearningRates(pl.Callback):
     """The learning rate each optimizer step runs with, and the one left after the last."""
 

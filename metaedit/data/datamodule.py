@@ -95,12 +95,15 @@ class EditCollator:
         # The neighbours scored with the edit's new target: CounterFact's ns in evaluation, the
         # neighbour-margin loss (method.loss.c_ns) in training.
         counterfact: dict[str, Any] = {"loc_new": f.batch(loc_p, [targets[i] for i in loc_owner])}
-        if not self.sample and all(r.get("target_true") for r in records):
-            counterfact |= {
-                "edit_true": f.batch([q.prompt for q in requests], [r["target_true"] for r in records]),
-                "inscope_true": f.batch(in_p, [records[i]["target_true"] for i in owner]),
-                "generation_prompts": [p for r in records for p in r.get("generation_prompts", [])[:1]],
-            }
+        if all(r.get("target_true") for r in records):
+            # The in-scope rows with the true object: CounterFact's ps in evaluation, the in-scope
+            # margin loss (method.loss.c_es) in training.
+            counterfact["inscope_true"] = f.batch(in_p, [records[i]["target_true"] for i in owner])
+            if not self.sample:
+                counterfact |= {
+                    "edit_true": f.batch([q.prompt for q in requests], [r["target_true"] for r in records]),
+                    "generation_prompts": [p for r in records for p in r.get("generation_prompts", [])[:1]],
+                }
         return EditBatch(
             edit=f.batch([q.prompt for q in requests], [q.target for q in requests]),
             inscope=f.batch(in_p, in_t),
