@@ -203,3 +203,5 @@ def test_init_from_starts_a_run_from_a_saved_editors_tensors(tmp_path):
     res = run_cli([*base, "run_name=other", "method.editor.rank=3", f"init_from={runs / 'first' / 'best'}"], tmp_path)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "init_from=" in res.stderr and "do not fit this run's mend editor" in res.stderr
+    res = run_cli([*base, "run_name=other", "method=ft", f"init_from={runs / 'first' / 'best'}"], tmp_path)
+    assert res.returncode != 0 and "a mend editor cannot start a ft run" in res.stderr
