@@ -77,7 +77,9 @@ class MALMENEditor(MENDEditor):
         self.log_lambdas = nn.Parameter(torch.full((len(self.inner_params),), float(lambda_init)))
 
     def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb}
+        # MEND's edit_steps is not MALMEN's: its update is one least-squares solve.
+        mend = {k: v for k, v in super().hparams().items() if k != "edit_steps"}
+        return {**mend, "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb}
 
     def state_to_log(self) -> dict[str, Tensor | float]:
         # MEND's step sizes, and the learned regularisers: e^λ against KᵀK's scale says whether the
