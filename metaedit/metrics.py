@@ -67,6 +67,7 @@ class OuterLosses:
     margin: Tensor | None  # neighbour-margin loss (only when asked for)
     edited: EditedModel
     post_in: Tensor  # post-edit logits of the in-scope rephrases
+    post_true: Tensor | None = None  # ... followed by the true object (only when asked for)
 
 
 def neighbour_margins(loc_logits: Tensor, loc: LMBatch, new_logits: Tensor, loc_new: LMBatch) -> Tensor:
@@ -90,20 +91,27 @@ def first_token_margins(loc_logits: Tensor, loc: LMBatch, loc_new: LMBatch) -> T
     return (logp[rows, own] - logp[rows, new]) * answered
 
 
-def inscope_margin_loss(post_in: Tensor, batch: EditBatch, margin: float) -> Tensor:
-    """Mean over the in-scope rows of relu(margin − [log P(new) − log P(true)]) on the targets' first
-    tokens, both read from the row's own post-edit logits where its target starts (no extra forward;
-    `inscope_true` only supplies the true object's first token). CounterFact's es / ps ask P(new) >
-    P(true); L_edit alone can raise both. A row whose new and true objects start alike adds nothing."""
+def inscope_margin_loss(post_in: Tensor, batch: EditBatch, margin: float, post_true: Tensor | None = None) -> Tensor:
+    """Mean over the in-scope rows of relu(margin − [log P(new) − log P(true)]). By default on the
+    targets' first tokens, both read from the row's own post-edit logits where its target starts (no
+    extra forward; `inscope_true` only supplies the true object's first token; a row whose objects
+    start alike adds nothing). With `post_true` (the post-edit logits of `batch.inscope_true`, the
+    rephrases followed by the true object) on the mean log-probability per target token of each whole
+    object — exactly the comparison CounterFact's es / ps make, so a multi-token object whose later
+    tokens are unsure (a rare currency's name) is charged too. L_edit alone can raise P(new) and
+    P(true) together."""
     if batch.inscope_true is None:
         raise ValueError("the in-scope margin loss (c_es > 0) needs the records' true objects (target_true); "
                          "this batch has none")
+    if post_true is not None:
+        m = mean_target_logprob(post_in, batch.inscope.targets) - mean_target_logprob(post_true, batch.inscope_true.targets)
+        return torch.relu(margin - m).mean()
     m = first_token_margins(post_in, batch.inscope, batch.inscope_true)
     return torch.relu(margin - m).where(m != 0, torch.zeros_like(m)).mean()
 
 
 def outer_losses(editor: Editor, batch: EditBatch, edited: EditedModel | None = None, margin: bool = False,
-                 first_token: bool = False) -> OuterLosses:
+                 first_token: bool = False, inscope_true: bool = False) -> OuterLosses:
     """Apply the editor (unless `edited` is given) and compute the outer losses. The pre-edit logits
     are the batch's `loc_base` when it carries them (the unedited model's), else the editor's base
     logits. With `margin`, also the neighbour-margin loss: mean over out-of-scope inputs of
@@ -111,15 +119,22 @@ def outer_losses(editor: Editor, batch: EditBatch, edited: EditedModel | None = 
     probability on a neighbour that shares its template, which is exactly what ns counts; this term
     charges every bit of margin the edit takes away (nothing for margin it adds). With `first_token`
     the margin is on the answers' first tokens from the neighbours' own rows (`first_token_margins`):
-    no forward of the neighbours with the new target, so it costs next to nothing."""
+    no forward of the neighbours with the new target, so it costs next to nothing. With `inscope_true`
+    the rephrases followed by the true object go through the same forward (`OuterLosses.post_true`,
+    for the whole-object in-scope margin)."""
     if margin and batch.loc_new is None:
         raise ValueError("the neighbour-margin loss (c_ns > 0) needs the batch's loc_new (neighbour prompts with the "
                          "edit's new target); this batch has none")
     if edited is None:
         edited = editor.apply_edits(batch.edit, batch.requests)
     full = margin and not first_token
-    extra = [batch.loc_new] if full else []
-    post_in, post_loc, *post_new = post_edit_logits(edited, batch.inscope, batch.loc, *extra)
+    if inscope_true and batch.inscope_true is None:
+        raise ValueError("the whole-object in-scope margin (c_es > 0, es_first_token false) needs the records' true "
+                         "objects (target_true); this batch has none")
+    extra = ([batch.loc_new] if full else []) + ([batch.inscope_true] if inscope_true else [])
+    post_in, post_loc, *rest = post_edit_logits(edited, batch.inscope, batch.loc, *extra)  # type: ignore[list-item]
+    post_new = rest[:1] if full else []
+    post_true = rest[-1] if inscope_true else None
     l_edit = nll(post_in, batch.inscope.targets)
     pre_loc = batch.loc_base if batch.loc_base is not None else editor.base_logits(batch.loc)
     l_loc = token_kl(pre_loc, post_loc, batch.loc.kl_mask)
@@ -134,7 +149,7 @@ def outer_losses(editor: Editor, batch: EditBatch, edited: EditedModel | None = 
         post = (neighbour_margins(post_loc, batch.loc, post_new[0], batch.loc_new) if full
                 else first_token_margins(post_loc, batch.loc, batch.loc_new))
         l_margin = torch.relu(pre.detach() - post).mean()
-    return OuterLosses(l_edit, l_loc, l_margin, edited, post_in)
+    return OuterLosses(l_edit, l_loc, l_margin, edited, post_in, post_true)
 
 
 def _sync(device: torch.device) -> None:

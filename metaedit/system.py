@@ -64,6 +64,7 @@ class EditorSystem(pl.LightningModule):
         margin_first_token: bool = False,
         c_es: float = 0.0,
         es_margin: float = 1.0,
+        es_first_token: bool = True,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         grad_clip: float = 100.0,
@@ -94,6 +95,9 @@ class EditorSystem(pl.LightningModule):
         if c_es < 0:
             raise ValueError(f"method.loss.c_es must be >= 0, got {c_es}")
         self.c_es, self.es_margin = c_es, es_margin
+        # false: the margin between the whole objects' mean token log-probabilities, as es / ps compare
+        # them; costs the rephrases' forward with the true object (in the same stacked pass).
+        self.es_first_token = es_first_token
         self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
         self.accumulate, self.max_nonfinite = max(1, accumulate), max_nonfinite
         if schedule not in ("constant", "cosine"):
@@ -143,7 +147,8 @@ class EditorSystem(pl.LightningModule):
 
     def _objective(self, batch: EditBatch, edited: EditedModel | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The outer loss of `batch` on `edited` (default: the editor applied to the batch's edits)."""
-        terms = outer_losses(self.editor, batch, edited, margin=self.c_ns > 0, first_token=self.margin_first_token)
+        terms = outer_losses(self.editor, batch, edited, margin=self.c_ns > 0, first_token=self.margin_first_token,
+                             inscope_true=self._whole_object_es)
         edited = terms.edited
         success = exact_correct(terms.post_in.detach(), batch.inscope.targets).float().mean()
         loss = self.editor.outer_objective(terms.edit, terms.loc, self.c_edit, self.c_loc, edit_success=success)
@@ -152,7 +157,7 @@ class EditorSystem(pl.LightningModule):
             loss = loss + self.c_ns * terms.margin
             logs["loss_margin"] = terms.margin.detach()
         if self.c_es > 0:
-            l_es = inscope_margin_loss(terms.post_in, batch, self.es_margin)
+            l_es = inscope_margin_loss(terms.post_in, batch, self.es_margin, terms.post_true)
             loss = loss + self.c_es * l_es
             logs["loss_es_margin"] = l_es.detach()
         for name, term in self.editor.extra_losses(batch, edited).items():
@@ -164,6 +169,10 @@ class EditorSystem(pl.LightningModule):
         logs["loss"] = loss.detach()
         self._last_edited = edited
         return loss, logs
+
+    @property
+    def _whole_object_es(self) -> bool:
+        return self.c_es > 0 and not self.es_first_token
 
     def _lifelong_terms(self, edited: EditedModel, logs: dict[str, torch.Tensor]) -> torch.Tensor:
         """c_edit·Σ_age γ^age·L_edit(earlier batch) on the model edited now, plus l2·Σ‖ΔW‖²; ΔW is
@@ -212,9 +221,11 @@ class EditorSystem(pl.LightningModule):
         margin = self.c_ns > 0 and batch.loc_new is not None
         full = margin and not self.margin_first_token  # the neighbours are also run with the edit's target
         if self.prefix is not None:
-            batch = replace(batch, edit=self.prefix.attach(batch.edit), inscope=self.prefix.attach(batch.inscope),
-                            loc=self.prefix.attach(batch.loc),
-                            loc_new=self.prefix.attach(batch.loc_new) if full else batch.loc_new)
+            # Every batch the edited model runs gets its replayed prefix (a stacked forward of batches
+            # with and without one would run all rows in full).
+            run = {"edit", "inscope", "loc"} | ({"loc_new"} if full else set()) | (
+                {"inscope_true"} if self._whole_object_es else set())
+            batch = replace(batch, **{k: self.prefix.attach(getattr(batch, k)) for k in run if getattr(batch, k) is not None})
         with torch.no_grad():
             if full:  # the neighbours with their answers and with the edit's target, in one base forward
                 loc_base, new_base = stacked_logits(self.editor.base_logits, batch.loc, batch.loc_new)

@@ -191,6 +191,49 @@ def test_inscope_margin_loss_charges_rephrases_where_the_true_object_still_wins(
         EditorSystem(ed, c_es=-1.0)
 
 
+def test_whole_object_inscope_margin_compares_what_es_compares(make_editor, make_data):
+    """es_first_token false: the margin is mean log P(new object) − mean log P(true object) per rephrase —
+    the same comparison CounterFact's es / ps count — from the rephrases run with the true object in the
+    same forward; it charges a row whose first tokens already favour the new object when the whole
+    objects do not, and it goes through a training step with frozen-prefix replay."""
+    from metaedit.metrics import inscope_margin_loss
+
+    ed = make_editor("mend", "tiny-gpt2")
+    batch = _train_batch(ed, make_data)
+    assert batch.inscope_true is not None
+    base = {p.name: ed.model.get_parameter(p.name) for p in ed.inner_params}
+    terms = outer_losses(ed, batch, EditedModel(ed.model, base), inscope_true=True)
+    assert terms.post_true is not None and outer_losses(ed, batch, EditedModel(ed.model, base)).post_true is None
+    with torch.no_grad():
+        m = (mean_target_logprob(ed.base_logits(batch.inscope), batch.inscope.targets)
+             - mean_target_logprob(ed.base_logits(batch.inscope_true), batch.inscope_true.targets))
+    assert torch.allclose(inscope_margin_loss(terms.post_in, batch, 2.0, terms.post_true), torch.relu(2.0 - m).mean(),
+                          atol=1e-5)
+
+    # Constructed logits: each new object's first token leads by 5 nats (the first-token margin is
+    # satisfied) but its later tokens are unlikely, while the true object is certain at every token.
+    vocab = len(ed.formatter.tokenizer)
+    new_t, true_t = batch.inscope.targets, batch.inscope_true.targets
+    post_in = torch.zeros(*new_t.shape, vocab)
+    post_true = torch.zeros(*true_t.shape, vocab)
+    rows = torch.arange(len(new_t))
+    start = (new_t != -100).int().argmax(-1)
+    post_in[rows, start, new_t[rows, start]] = 5.0
+    tpos = (true_t != -100).nonzero(as_tuple=True)
+    post_true[tpos[0], tpos[1], true_t[tpos]] = 30.0
+    multi = (new_t != -100).sum(-1) > 1
+    assert multi.any()  # the tiny data has multi-token objects
+    whole = inscope_margin_loss(post_in, batch, 1.0, post_true)
+    assert float(whole) > 0 and float(inscope_margin_loss(post_in, batch, 1.0)) < float(whole)
+
+    system = EditorSystem(ed, lr=1e-3, c_es=1.0, es_first_token=False)
+    assert system.prefix is not None  # the true-object rows take the replayed prefix like the others
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, inference_mode=False)
+    trainer.fit(system, datamodule=make_data(ed.formatter, n_edits=2))
+    assert float(trainer.callback_metrics["train/loss_es_margin"]) > 0
+
+
 class _LearningRates(pl.Callback):
     """The learning rate each optimizer step runs with, and the one left after the last."""
 
