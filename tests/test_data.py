@@ -130,3 +130,37 @@ def test_train_edit_prompt_adds_each_edits_own_prompt_to_training_in_scope_rows_
     va, vb = next(iter(plain.val_dataloader())), next(iter(with_prompt.val_dataloader()))
     assert va.inscope_prompts == vb.inscope_prompts
     assert not any(q.prompt in vb.inscope_prompts for q in vb.requests)
+
+
+def test_relation_balance_draws_relations_by_count_to_the_alpha(make_data, tiny):
+    """data.relation_balance=α: relation r is drawn ∝ n_r^α (0: equally), so a world that is mostly one
+    relation does not train an editor on mostly that one; null keeps the data's own frequencies."""
+    from collections import Counter
+
+    from metaedit.models.loading import make_formatter
+
+    model, tok, cfg = tiny("tiny-gpt2")
+    formatter = make_formatter(model, tok, cfg)
+    data = make_data(formatter, n_edits=2, relation_balance=0.0)
+    data.setup("fit")
+    by_rel: dict[str, list] = {}
+    for r in data.records("train"):
+        by_rel.setdefault(r["relation"], []).append(r)
+    big, small = sorted(by_rel, key=lambda k: -len(by_rel[k]))[:2]
+    records = by_rel[big][:40] + by_rel[small][:4]  # 10 : 1
+    assert len(by_rel[small]) >= 4
+    samplers = {alpha: data.relation_sampler(records, alpha) for alpha in (0.0, 0.5, 1.0)}
+    # 50 epochs of one sampler (its generator moves on between them): 2200 draws each
+    draws = {alpha: Counter(records[i]["relation"] for _ in range(50) for i in sampler) for alpha, sampler in samplers.items()}
+    share = {alpha: c[small] / sum(c.values()) for alpha, c in draws.items()}
+    assert abs(share[0.0] - 0.5) < 0.05  # equal
+    assert abs(share[0.5] - 2 / (2 + 40**0.5)) < 0.05  # √4 : √40
+    assert abs(share[1.0] - 4 / 44) < 0.03  # as the data holds them
+    # The training loader draws through it; evaluation loaders never do.
+    assert isinstance(data.train_dataloader().sampler, torch.utils.data.WeightedRandomSampler)
+    assert not isinstance(data.val_dataloader().sampler, torch.utils.data.WeightedRandomSampler)
+    assert not isinstance(make_data(formatter, n_edits=2).train_dataloader().sampler, torch.utils.data.WeightedRandomSampler)
+    with pytest.raises(MetaEditError, match="one relation; nothing to balance"):
+        data.relation_sampler(by_rel[big], 0.0)
+    with pytest.raises(MetaEditError, match=r"data.relation_balance must be null or in \[0, 1\], got 2"):
+        make_data(formatter, relation_balance=2)
