@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -225,9 +226,7 @@ class EditDataModule(pl.LightningDataModule):
         """Draws (with replacement, len(records) per epoch) so that relation r comes up with
         probability ∝ n_r^α: each of its records weighs n_r^(α−1)."""
         relations = [r.get("relation") or "" for r in records]
-        counts: dict[str, int] = {}
-        for rel in relations:
-            counts[rel] = counts.get(rel, 0) + 1
+        counts = Counter(relations)
         if len(counts) < 2:
             raise MetaEditError(f"data.relation_balance={alpha}: {self.name}:train has "
                                 f"{'no relation tags' if '' in counts else 'one relation'}; nothing to balance")
