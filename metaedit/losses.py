@@ -44,6 +44,21 @@ def token_correct(logits: Tensor, targets: Tensor) -> Tensor:
     return hit.sum(-1).float() / valid.sum(-1).clamp_min(1).float()
 
 
+def rival_logprob(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per example: the log-probability of the model's own answer where it first leaves the target —
+    the argmax at the first target position (teacher-forced) whose argmax is not the target token —
+    or 0 where greedy decoding already gives the whole target. Its gradient points at "make the
+    current answer less likely" (MEND's `edit_contrast`); a shared first token ("New Delhi" against
+    "New York") moves the comparison to the token where the two answers part."""
+    valid = targets != -100
+    logp = F.log_softmax(_upcast(logits), dim=-1)
+    rival = logp.detach().argmax(-1)
+    wrong = valid & (rival != targets)
+    at = wrong.float().argmax(-1)  # first position that differs (0 where none: masked out below)
+    rows = torch.arange(targets.shape[0], device=targets.device)
+    return logp[rows, at, rival[rows, at]] * wrong.any(-1).to(logp.dtype)
+
+
 def mean_target_logprob(logits: Tensor, targets: Tensor) -> Tensor:
     """Per example: mean per-token log-probability of the target string (CounterFact's comparison)."""
     valid = targets != -100

@@ -14,7 +14,7 @@ from metaedit.editors.mend.networks import GradientTransform
 from metaedit.functional import EditedModel, forward_logits
 from metaedit.hooks import capture_layer_io
 from metaedit.locate.tokens import subject_row_mask
-from metaedit.losses import exact_correct, nll
+from metaedit.losses import exact_correct, nll, rival_logprob
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
@@ -50,6 +50,16 @@ class MENDEditor(Editor):
             gradient at the weights the previous steps made and goes only to the edits whose target
             is not yet the greedy answer. Like edit_scale, a way to buy edit success with locality
             (measured on SmolLM2 in the README's "What was tried"); 1 leaves the trained editor as it is.
+        edit_contrast: weight β of a second term in the loss whose gradient the networks read:
+            NLL(target) + β·log P(the model's own answer token where it first leaves the target;
+            losses.rival_logprob), 0 where greedy decoding already gives the target. With β = 0 (the reference) the gradient says "make the target
+            likely", which also raises answers of the same kind — the old one among them; with β > 0
+            it says "the target rather than the current answer", which is what an edit's success
+            (P(new) > P(old)) asks. Needs no old answer from the user: it is read off the model.
+            Trained editors should be trained with the β they are used with.
+        transform_delta: False: the networks learn only the key ũ and δ̃ is the normalised gradient δ
+            (networks.GradientTransform), so an edit of a kind of fact training never showed moves the
+            layer's output the way that fact's own gradient does. True (the reference) learns both.
         edit_lr_lr: the outer optimizer's learning rate for the step sizes η_ℓ (None: the trainer's;
             the reference code's `lr_lr`). Adam moves a parameter by about its learning rate per
             step, so at the networks' rate η needs thousands of steps to grow tenfold from 1e-4.
@@ -70,6 +80,8 @@ class MENDEditor(Editor):
         chunk_size: int = 64,
         edit_scale: float = 1.0,
         edit_steps: int = 1,
+        edit_contrast: float = 0.0,
+        transform_delta: bool = True,
     ) -> None:
         super().__init__(model, inner_params)
         if chunk_size < 1:
@@ -82,9 +94,12 @@ class MENDEditor(Editor):
             raise MetaEditError(f"{self.method} edit_scale must be > 0, got {edit_scale}")
         if edit_steps < 1:
             raise MetaEditError(f"{self.method} edit_steps must be >= 1, got {edit_steps}")
+        if not edit_contrast >= 0:
+            raise MetaEditError(f"{self.method} edit_contrast must be >= 0, got {edit_contrast}")
         self.rank, self.edit_lr_init, self.rows, self.n_blocks, self.act = rank, edit_lr, rows, n_blocks, act
         self.edit_lr_lr, self.chunk_size, self.edit_scale = edit_lr_lr, chunk_size, float(edit_scale)
-        self.edit_steps = int(edit_steps)
+        self.edit_steps, self.edit_contrast = int(edit_steps), float(edit_contrast)
+        self.transform_delta = bool(transform_delta)
         # One network per distinct (d_in, d_out), shared by all layers of that shape.
         shapes = sorted({(p.d_in, p.d_out) for p in self.inner_params})
         self._slot: list[tuple[str, int]] = []
@@ -94,14 +109,15 @@ class MENDEditor(Editor):
             self._slot.append((key, count.get(key, 0)))
             count[key] = count.get(key, 0) + 1
         self.nets = nn.ModuleDict(
-            {f"{i}x{o}": GradientTransform(i, o, count[f"{i}x{o}"], rank, n_blocks, act) for i, o in shapes}
+            {f"{i}x{o}": GradientTransform(i, o, count[f"{i}x{o}"], rank, n_blocks, act, self.transform_delta) for i, o in shapes}
         )
         self.edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(edit_lr)))
 
     def hparams(self) -> dict[str, Any]:
         return {"rank": self.rank, "edit_lr": self.edit_lr_init, "rows": self.rows, "n_blocks": self.n_blocks,
                 "act": self.act, "edit_lr_lr": self.edit_lr_lr, "chunk_size": self.chunk_size, "edit_scale": self.edit_scale,
-                "edit_steps": self.edit_steps}
+                "edit_steps": self.edit_steps, "edit_contrast": self.edit_contrast,
+                "transform_delta": self.transform_delta}
 
     def step_size(self, i: int) -> Tensor:
         """The step size η_ℓ of inner layer i as an edit applies it (times the fixed edit_scale)."""
@@ -138,6 +154,8 @@ class MENDEditor(Editor):
             logits = forward_logits(self.model, edit, params)
             # Sum over tokens: per-token δ must not shrink as more edits share a batch.
             loss = nll(logits, edit.targets, reduction="sum")
+            if self.edit_contrast > 0:
+                loss = loss + self.edit_contrast * rival_logprob(logits, edit.targets).sum()
             outputs = [io[p.module_name][1] for p in self.inner_params]
             deltas = torch.autograd.grad(loss, outputs)
         target_mask = (edit.targets != -100).reshape(-1)

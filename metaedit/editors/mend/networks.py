@@ -52,11 +52,16 @@ class GradientTransform(nn.Module):
     the FiLM scale/shift (s_ℓ, o_ℓ) at 1/0, so g starts as the identity and MEND's first edits are
     plain (normalised) fine-tuning steps. act must have act(0) = 0 and act'(0) ≠ 0: with ReLU
     (ReLU'(0) = 0) the zero-initialised blocks get exactly zero gradient and never train.
+
+    transform_delta=False keeps δ̃ the normalised δ: the blocks still read both halves but only ũ is
+    learned, so the update's direction in the layer's output space is the gradient's own, on kinds of
+    facts training never showed as well as on those it did.
     """
 
-    def __init__(self, d_in: int, d_out: int, n_layers: int, rank: int, n_blocks: int = 2, act: str = "gelu") -> None:
+    def __init__(self, d_in: int, d_out: int, n_layers: int, rank: int, n_blocks: int = 2, act: str = "gelu",
+                 transform_delta: bool = True) -> None:
         super().__init__()
-        self.d_in, self.d_out = d_in, d_out
+        self.d_in, self.d_out, self.transform_delta = d_in, d_out, transform_delta
         self.act = ACTIVATIONS[act]
         dim = d_in + d_out
         r = min(rank, dim)  # a rank above the width adds parameters but no expressiveness
@@ -79,8 +84,9 @@ class GradientTransform(nn.Module):
                 norm.update(h[j])
         mean, std = stacked_moments(norms, h.dtype)
         h = (h - mean.unsqueeze(1)) / std.unsqueeze(1)
+        delta_n = h[..., self.d_in :]
         idx = torch.tensor(layers, device=h.device)
         for k in range(len(self.up)):
             pre = (h @ self.down[k].T) @ self.up[k].T + self.bias[k]
             h = h + self.act(self.scale[idx, k].unsqueeze(1) * pre + self.shift[idx, k].unsqueeze(1))
-        return h[..., : self.d_in], h[..., self.d_in :]
+        return h[..., : self.d_in], h[..., self.d_in :] if self.transform_delta else delta_n
