@@ -52,8 +52,9 @@ class MENDEditor(Editor):
             (measured on SmolLM2 in the README's "What was tried"); 1 leaves the trained editor as it is.
         edit_contrast: weight β of a second term in the loss whose gradient the networks read:
             NLL(target) + β·log P(the model's own answer token where it first leaves the target;
-            losses.rival_logprob), 0 where greedy decoding already gives the target. With β = 0 (the reference) the gradient says "make the target
-            likely", which also raises answers of the same kind — the old one among them; with β > 0
+            losses.rival_logprob), 0 where greedy decoding already gives the target. With β = 0 (the
+            reference) the gradient says "make the target likely", which also raises answers of the
+            same kind — the old one among them; with β > 0
             it says "the target rather than the current answer", which is what an edit's success
             (P(new) > P(old)) asks. Needs no old answer from the user: it is read off the model.
             Trained editors should be trained with the β they are used with.
