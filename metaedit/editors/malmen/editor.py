@@ -70,9 +70,13 @@ class MALMENEditor(MENDEditor):
         memory_cap_mb: float | None = None,
         edit_lr_lr: float | None = None,
         edit_scale: float = 1.0,
+        edit_contrast: float = 0.0,
+        transform_delta: bool = True,
     ) -> None:
+        # edit_contrast / transform_delta act on MEND's capture and networks, which MALMEN reuses.
         super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
-                         edit_lr_lr=edit_lr_lr, chunk_size=chunk_size, edit_scale=edit_scale)
+                         edit_lr_lr=edit_lr_lr, chunk_size=chunk_size, edit_scale=edit_scale,
+                         edit_contrast=edit_contrast, transform_delta=transform_delta)
         self.lambda_init, self.memory_cap_mb = lambda_init, memory_cap_mb
         self.log_lambdas = nn.Parameter(torch.full((len(self.inner_params),), float(lambda_init)))
 
