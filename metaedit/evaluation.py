@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import sys
@@ -32,7 +33,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def evaluate_editor(
     editor: Editor, data: EditDataModule, split: str = "test", limit: int | None = None, fluency_tokens: int = 0,
     time_reference: bool = False, protocol: Protocol | None = None, max_rows: int = MAX_ROWS,
-    save_sequences: str | Path | None = None,
+    save_sequences: str | Path | None = None, per_edit: str | Path | None = None,
 ) -> dict[str, Any]:
     """Exact-mode metrics (and token-mode beside them, labelled) over `split`; CounterFact scores when
     the records have true objects, fluency from `fluency_tokens`-token generations when > 0.
@@ -42,6 +43,8 @@ def evaluate_editor(
     Default: groups of the data's `eval_n_edits` applied together (single when 1). With
     `save_sequences` (a path prefix), each sequential group saves its running edit to
     `<prefix>.group<i>.safetensors` and a re-run resumes from it (`SequenceCheckpoint`).
+    `per_edit` (a path) gets one JSON line per scored edit — its case, relation, prompt, targets and
+    its own es / ps / ns / exact accuracies — to see which edits an editor fails.
     """
     protocol = protocol or Protocol.together(data.eval_n_edits)
     acc = MetricAccumulator()
@@ -56,6 +59,7 @@ def evaluate_editor(
     editor.prepare()
     device = editor.device
     progress = Progress(len(scored), unit="rec", noun="records")
+    edit_lines: list[str] = []
     for i, batch in enumerate(data.loader(split, limit=limit, shuffle=False, batch_size=protocol.n)):
         checkpoint = (SequenceCheckpoint(f"{save_sequences}.group{i}.safetensors")
                       if save_sequences is not None and protocol.name == "sequential" else None)
@@ -67,6 +71,10 @@ def evaluate_editor(
         relations = [r.get("relation") for r in scored[i * protocol.n: (i + 1) * protocol.n]]
         for relation, part in outcome_by_relation(outcome, batch, relations).items():
             by_relation.setdefault(relation, MetricAccumulator()).add(part)
+        if per_edit is not None:
+            group = scored[i * protocol.n: (i + 1) * protocol.n]
+            edit_lines += [json.dumps({"index": i * protocol.n + k, "group": i, **_identity(record), **figures})
+                           for k, (record, figures) in enumerate(zip(group, outcome_by_edit(outcome, batch)))]
         done = min((i + 1) * protocol.n, len(scored))
         if progress.due(done):  # a line per ~10% of the records
             log.info("evaluate: %s edit_acc so far %.3f", progress.line(done), acc.mean("edit_exact"))
@@ -91,7 +99,16 @@ def evaluate_editor(
     }
     if len(by_relation) > 1:
         report["by_relation"] = {r: by_relation[r].summary() for r in sorted(by_relation)}
+    if per_edit is not None:
+        write_text_atomic(Path(per_edit), "".join(line + "\n" for line in edit_lines))
+        report["per_edit"] = str(per_edit)
     return report
+
+
+def _identity(record: dict[str, Any]) -> dict[str, Any]:
+    """What names an edit in the per-edit lines."""
+    return {k: record[k] for k in ("case_id", "relation", "subject", "prompt", "target_new", "target_true")
+            if record.get(k) not in (None, "")}
 
 
 # Which rows of a group's outcome each per-row key holds: the edits themselves, their rephrases
@@ -103,19 +120,47 @@ _ROWS_OF = {"edit_exact": "edit", "edit_token": "edit", "es": "edit",
             "ns": "loc"}
 
 
+def row_owners(batch: EditBatch) -> dict[str, torch.Tensor] | None:
+    """For each kind of row (`_ROWS_OF`'s values), the edit each row belongs to; None when the
+    out-of-scope rows of a multi-edit batch have no owners."""
+    owners = {"edit": torch.arange(batch.n_edits), "inscope": batch.inscope_owner.cpu()}
+    if batch.loc_owner is None:
+        if batch.n_edits > 1:
+            return None
+        owners["loc"] = torch.zeros(len(batch.loc), dtype=torch.long)
+    else:
+        owners["loc"] = batch.loc_owner.cpu()
+    return owners
+
+
+def outcome_by_edit(outcome: dict[str, torch.Tensor], batch: EditBatch) -> list[dict[str, float]]:
+    """Each edit's own figures from a group's per-row outcome: the mean over its rows of every
+    per-row key (es of the edit, ps over its rephrases, ns over its neighbours). Empty when the
+    rows have no owners."""
+    owners = row_owners(batch)
+    if owners is None:
+        return []
+    per_edit: list[dict[str, float]] = [{} for _ in range(batch.n_edits)]
+    for key, value in outcome.items():
+        if key not in _ROWS_OF:
+            continue
+        owner, value = owners[_ROWS_OF[key]], value.reshape(-1).float()
+        for k in range(batch.n_edits):
+            mine = value[owner == k]
+            if len(mine):
+                per_edit[k][key] = float(mine.mean())
+    return per_edit
+
+
 def outcome_by_relation(outcome: dict[str, torch.Tensor], batch: EditBatch,
                         relations: list[str | None]) -> dict[str, dict[str, torch.Tensor]]:
     """A group's per-row outcome split by the relation of the edit each row belongs to (`relations[k]`:
     edit k's). Empty when a relation is unknown, or the out-of-scope rows have no owners."""
     if not relations or None in relations or len(relations) != batch.n_edits:
         return {}
-    owners = {"edit": torch.arange(batch.n_edits), "inscope": batch.inscope_owner.cpu()}
-    if batch.loc_owner is None:
-        if batch.n_edits > 1:
-            return {}
-        owners["loc"] = torch.zeros(len(batch.loc), dtype=torch.long)
-    else:
-        owners["loc"] = batch.loc_owner.cpu()
+    owners = row_owners(batch)
+    if owners is None:
+        return {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for relation in dict.fromkeys(relations):
         mine = torch.tensor([r == relation for r in relations])
@@ -175,8 +220,6 @@ def editor_overrides(cfg: Any) -> dict[str, Any]:
 
 def run_evaluation(cfg: Any) -> dict[str, Any]:
     """What `python evaluate.py` does: load the editor, evaluate a split, print and write JSON."""
-    import json
-
     from hydra.utils import instantiate
 
     from metaedit.editors.io import editor_digest, load_editor, resolve_editor_dir
@@ -190,7 +233,8 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
     report = evaluate_editor(editor, data, split=cfg.split, limit=cfg.limit, fluency_tokens=cfg.fluency_tokens,
                              time_reference=cfg.time_reference, protocol=protocol,
                              max_rows=int(cfg.get("max_rows") or MAX_ROWS),
-                             save_sequences=out.with_suffix(".sequence") if cfg.get("resume", True) else None)
+                             save_sequences=out.with_suffix(".sequence") if cfg.get("resume", True) else None,
+                             per_edit=cfg.get("per_edit"))
     report["editor_dir"], report["editor_digest"] = str(editor_dir), editor_digest(editor_dir)
     if override:
         report["hparams_override"] = override

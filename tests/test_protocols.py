@@ -63,6 +63,25 @@ def test_batch_protocol_scores_every_edit_of_the_group(make_editor, make_data, m
     assert not list(tmp_path.iterdir())  # the part-way save of the sequence is gone once it is scored
 
 
+def test_per_edit_lines_name_each_edit_and_add_up_to_the_report(make_editor, make_data, tmp_path):
+    import json
+
+    ed = make_editor("ft", "tiny-gpt2", steps=3)
+    data = make_data(ed.formatter)
+    report = evaluate_editor(ed, data, limit=6, protocol=Protocol("batch", n=3), per_edit=tmp_path / "edits.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "edits.jsonl").read_text().splitlines()]
+    records = data.records("test")[:6]
+    assert [x["index"] for x in lines] == list(range(6)) and [x["group"] for x in lines] == [0, 0, 0, 1, 1, 1]
+    assert [(x["prompt"], x["target_new"], x["relation"]) for x in lines] == [
+        (r["prompt"], r["target_new"], r["relation"]) for r in records]
+    # Every edit's own figures, each over its own rows: their mean over edits is the report's.
+    for key in ("edit_acc", "es"):
+        row_key = "edit_exact" if key == "edit_acc" else key
+        assert sum(x[row_key] for x in lines) / 6 == pytest.approx(report["metrics"][key], abs=1e-6), key
+    assert all(0 <= x["ps"] <= 1 and 0 <= x["ns"] <= 1 for x in lines)
+    assert report["per_edit"] == str(tmp_path / "edits.jsonl")
+
+
 def test_chunked_scoring_equals_one_stacked_forward(make_editor, make_data):
     ed = make_editor("mend", "tiny-gpt2")
     ed.eval()
