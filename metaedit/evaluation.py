@@ -68,11 +68,13 @@ def evaluate_editor(
         acc.add(outcome)
         # Group i is records i·n ... i·n+n-1 (the loader does not shuffle): each row of its outcome also
         # goes to the accumulator of the relation of the edit it belongs to.
-        relations = [r.get("relation") for r in scored[i * protocol.n: (i + 1) * protocol.n]]
-        for relation, part in outcome_by_relation(outcome, batch, relations).items():
+        group = scored[i * protocol.n: (i + 1) * protocol.n]
+        for relation, part in outcome_by_relation(outcome, batch, [r.get("relation") for r in group]).items():
             by_relation.setdefault(relation, MetricAccumulator()).add(part)
         if per_edit is not None:
-            group = scored[i * protocol.n: (i + 1) * protocol.n]
+            if "loc" not in row_owners(batch) and not edit_lines:
+                log.warning("per_edit: the out-of-scope rows of a batch of %d edits belong to no one edit, so "
+                            "the per-edit lines carry es and ps but no ns", batch.n_edits)
             edit_lines += [json.dumps({"index": i * protocol.n + k, "group": i, **_identity(record), **figures})
                            for k, (record, figures) in enumerate(zip(group, outcome_by_edit(outcome, batch)))]
         done = min((i + 1) * protocol.n, len(scored))
@@ -120,29 +122,25 @@ _ROWS_OF = {"edit_exact": "edit", "edit_token": "edit", "es": "edit",
             "ns": "loc"}
 
 
-def row_owners(batch: EditBatch) -> dict[str, torch.Tensor] | None:
-    """For each kind of row (`_ROWS_OF`'s values), the edit each row belongs to; None when the
-    out-of-scope rows of a multi-edit batch have no owners."""
+def row_owners(batch: EditBatch) -> dict[str, torch.Tensor]:
+    """For each kind of row (`_ROWS_OF`'s values), the edit each row belongs to; no "loc" entry when
+    the out-of-scope rows of a multi-edit batch have no owners."""
     owners = {"edit": torch.arange(batch.n_edits), "inscope": batch.inscope_owner.cpu()}
-    if batch.loc_owner is None:
-        if batch.n_edits > 1:
-            return None
-        owners["loc"] = torch.zeros(len(batch.loc), dtype=torch.long)
-    else:
+    if batch.loc_owner is not None:
         owners["loc"] = batch.loc_owner.cpu()
+    elif batch.n_edits == 1:
+        owners["loc"] = torch.zeros(len(batch.loc), dtype=torch.long)
     return owners
 
 
 def outcome_by_edit(outcome: dict[str, torch.Tensor], batch: EditBatch) -> list[dict[str, float]]:
     """Each edit's own figures from a group's per-row outcome: the mean over its rows of every
-    per-row key (es of the edit, ps over its rephrases, ns over its neighbours). Empty when the
-    rows have no owners."""
+    per-row key (es of the edit, ps over its rephrases, ns over its neighbours). Keys of rows that
+    belong to no one edit (`row_owners`) are left out."""
     owners = row_owners(batch)
-    if owners is None:
-        return []
     per_edit: list[dict[str, float]] = [{} for _ in range(batch.n_edits)]
     for key, value in outcome.items():
-        if key not in _ROWS_OF:
+        if key not in _ROWS_OF or _ROWS_OF[key] not in owners:
             continue
         owner, value = owners[_ROWS_OF[key]], value.reshape(-1).float()
         for k in range(batch.n_edits):
@@ -159,7 +157,7 @@ def outcome_by_relation(outcome: dict[str, torch.Tensor], batch: EditBatch,
     if not relations or None in relations or len(relations) != batch.n_edits:
         return {}
     owners = row_owners(batch)
-    if owners is None:
+    if "loc" not in owners:
         return {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for relation in dict.fromkeys(relations):

@@ -82,6 +82,23 @@ def test_per_edit_lines_name_each_edit_and_add_up_to_the_report(make_editor, mak
     assert report["per_edit"] == str(tmp_path / "edits.jsonl")
 
 
+def test_per_edit_figures_leave_out_rows_that_belong_to_no_one_edit(make_editor, make_data):
+    import dataclasses
+
+    from metaedit.evaluation import outcome_by_edit, outcome_by_relation
+
+    ed = make_editor("ft", "tiny-gpt2", steps=3)
+    batch = next(iter(make_data(ed.formatter).loader("test", limit=2, shuffle=False, batch_size=2)))
+    outcome = evaluate_edit_batch(ed, batch, protocol=Protocol("batch", n=2))
+    owned = outcome_by_edit(outcome, batch)
+    assert all("ns" in x and "es" in x and "ps" in x for x in owned)
+    # Without owners for the out-of-scope rows, each edit keeps its own es / ps and no ns is made up.
+    unowned = dataclasses.replace(batch, loc_owner=None)
+    lines = outcome_by_edit(outcome, unowned)
+    assert [x["es"] for x in lines] == [x["es"] for x in owned] and all("ns" not in x for x in lines)
+    assert outcome_by_relation(outcome, unowned, ["a", "b"]) == {}
+
+
 def test_chunked_scoring_equals_one_stacked_forward(make_editor, make_data):
     ed = make_editor("mend", "tiny-gpt2")
     ed.eval()
