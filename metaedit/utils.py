@@ -23,6 +23,15 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode open()/mkdir() would give a new file or directory. mkstemp / mkdtemp make theirs
+    private (0600 / 0700); a file written through one and renamed into place would stay unreadable
+    to the rest of a group sharing checkpoints and results."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `target` in one rename.
@@ -33,6 +42,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
+        os.chmod(tmp, umask_mode(directory=True))
         yield tmp
         old = None
         if target.exists():

@@ -157,6 +157,23 @@ def test_saving_over_an_existing_editor_is_atomic(make_editor, tmp_path):
     assert load_file(str(tmp_path / "ed" / WEIGHTS))["edit_lrs"].eq(0.5).all()
 
 
+def test_atomic_writes_keep_the_modes_the_umask_gives(make_editor, tmp_path):
+    import os
+    import stat
+
+    from metaedit.data.records import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "report.json", {"es": 1.0})
+        make_editor("mend", "tiny-gpt2").save_pretrained(str(tmp_path / "ed"))
+    finally:
+        os.umask(old)
+    # A temp file or directory is private (0600 / 0700); renamed into place it must not stay so.
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "ed").stat().st_mode) == 0o755
+
+
 class LateRestoreStrategy(SingleDeviceStrategy):
     """Restores the checkpoint after setup, as FSDP and DeepSpeed do: the path on which Lightning 2.6
     drops `trainer.fit(weights_only=...)`."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from metaedit.types import MetaEditError
+from metaedit.utils import umask_mode
 
 # field -> (type, required). `locality` items are {"prompt": str, "answer": str}.
 RECORD_FIELDS: dict[str, tuple[type, bool]] = {
@@ -73,6 +74,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
