@@ -81,6 +81,36 @@ def test_edit_scale_override_scales_the_saved_mends_update_and_bad_overrides_are
         load_editor(tmp_path / "ed", model=model, hparams={"rank": 3})  # a shape the saved tensors do not have
 
 
+def test_key_whitening_round_trips_and_can_be_switched_on_at_load_time(tiny, tmp_path):
+    """A MEND trained with key_whitening keeps ρ and the statistics' spec in its config (the matrices
+    come back from the statistics cache, not the checkpoint) and edits bit-for-bit alike after loading;
+    a plain editor can be given it at load time (`+hparams.key_whitening=ρ`)."""
+    from metaedit.editors.io import build_editor
+    from metaedit.models.inner_params import resolve_inner_params
+
+    model, tok, cfg = tiny("tiny-llama")
+    inner = resolve_inner_params(model, [{"container": "model.layers", "depth": [0.0, 1.0], "pattern": r"mlp\.down_proj"}])
+    stats = {"n_tokens": 3000, "seq_len": 64}
+    ed = trained_like(build_editor("mend", model, cfg, {"key_whitening": 1e-2, "stats": stats}, tokenizer=tok,
+                                   inner_params=inner, cache_dir=tmp_path / "cache"))
+    ed.save_pretrained(str(tmp_path / "ed"))
+    assert not any("whiten" in k for k in load_file(str(tmp_path / "ed" / WEIGHTS)))
+    loaded = load_editor(tmp_path / "ed", model=model, tokenizer=tok, cache_dir=tmp_path / "cache")
+    assert loaded.hparams()["key_whitening"] == 1e-2 and loaded.hparams()["stats"] == ed.hparams()["stats"]
+    reqs = requests(2)
+    a, b = ed.edit(reqs).params, loaded.edit(reqs).params
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    plain = build_editor("mend", model, cfg, {"stats": stats}, tokenizer=tok, inner_params=inner)
+    plain.load_state_dict(ed.state_dict())
+    plain.save_pretrained(str(tmp_path / "plain"))
+    switched = load_editor(tmp_path / "plain", model=model, tokenizer=tok, cache_dir=tmp_path / "cache",
+                           hparams={"key_whitening": 1e-2})
+    c = switched.edit(reqs).params
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in plain.edit(reqs).params.items())
+
+
 def test_edit_steps_gives_further_steps_only_to_edits_that_have_not_landed(make_editor, tiny, tmp_path):
     """MEND's edit_steps (an edit-time choice): step k+1 starts from step k's weights and takes only the
     edits whose target is not yet the greedy answer; meta-training keeps the one step it learns."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -15,6 +16,7 @@ from metaedit.data.formatting import Formatter
 from metaedit.editors.checkpoint import save_editor
 from metaedit.functional import EditedModel, forward_logits, swapped_params
 from metaedit.models.inner_params import InnerParam
+from metaedit.paths import default_cache_dir
 from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError, SequenceState
 
 
@@ -66,6 +68,11 @@ class Editor(nn.Module, ABC):
         # Where an editor may cache what it derives from the base model (locate-then-edit key
         # statistics); set by build_editor / load_editor from configs/paths. None: the default cache.
         self.cache_dir: str | None = None
+
+    @property
+    def cache_root(self) -> Path:
+        """`cache_dir`, or the default cache when it is unset."""
+        return Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
 
     # ---- to implement ---------------------------------------------------------------------------
     @abstractmethod

@@ -24,7 +24,6 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +39,6 @@ from metaedit.locate.value_cache import ValueCache
 from metaedit.locate.values import DeltaSettings, optimise_delta
 from metaedit.models.fingerprint import fingerprint
 from metaedit.models.inner_params import InnerParam
-from metaedit.paths import default_cache_dir
 from metaedit.precision import uses_bf16
 from metaedit.progress import Progress
 from metaedit.types import EditRequest, LMBatch, MetaEditError
@@ -135,10 +133,6 @@ class LocateEditor(Editor):
         if self._contexts is None:
             self._contexts = sample_contexts(self.model, self.tokenizer, self.n_contexts, self.context_tokens, self.seed)
         return self._contexts
-
-    @property
-    def cache_root(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
 
     @contextmanager
     def editing_from(self, params: Mapping[str, Tensor]) -> Iterator[None]:
