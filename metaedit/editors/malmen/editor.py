@@ -81,8 +81,9 @@ class MALMENEditor(MENDEditor):
         self.log_lambdas = nn.Parameter(torch.full((len(self.inner_params),), float(lambda_init)))
 
     def hparams(self) -> dict[str, Any]:
-        # MEND's edit_steps is not MALMEN's: its update is one least-squares solve.
-        mend = {k: v for k, v in super().hparams().items() if k != "edit_steps"}
+        # MEND's edit_steps and key_whitening (with its stats) are not MALMEN's: its update is one
+        # least-squares solve over the layer's real keys.
+        mend = {k: v for k, v in super().hparams().items() if k not in ("edit_steps", "key_whitening", "stats")}
         return {**mend, "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb}
 
     def state_to_log(self) -> dict[str, Tensor | float]:
