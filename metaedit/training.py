@@ -183,8 +183,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             earlier = run_dir / "train_info.json"
             if earlier.is_file():
                 resumed_after = float(json.loads(earlier.read_text()).get("train_seconds", 0.0))
-        # weights_only: resuming never unpickles (WeightsOnlyCheckpointIO enforces it on every strategy).
         editor.prepare()  # one-off work (e.g. MEND's key statistics) before the first step, with its own log lines
+        # weights_only: resuming never unpickles (WeightsOnlyCheckpointIO enforces it on every strategy).
         trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)
         # The final state is a resume point too (e.g. to continue with a larger max_steps), so it keeps
         # the optimizer and loop state. (Saving's `weights_only` means "model weights only"; left
