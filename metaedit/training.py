@@ -195,8 +195,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         is_rank_zero = trainer.is_global_zero
         if is_rank_zero:
             os.replace(f"{last}.tmp", last)
-        if is_rank_zero and not (run_dir / "best").exists():
-            save_editor(editor, run_dir / "best")  # no validation ran (e.g. max_steps below val interval)
+        if is_rank_zero and not (run_dir / "best" / "val_metrics.json").exists():
+            # No validation ran (e.g. max_steps below the val interval), in this process or in one
+            # this run resumes: the final editor is the run's, not an earlier process's.
+            save_editor(editor, run_dir / "best")
     else:
         log.info("method %s has nothing to train: its one-off preparation (if any), then its configuration",
                  cfg.method.name)

@@ -260,3 +260,27 @@ def test_resuming_loads_last_ckpt_with_weights_only_on_every_strategy(tmp_path, 
     torch.save(checkpoint, last)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         train(tiny_train_cfg(tmp_path, 4, *late))
+
+
+def test_a_run_resumed_mid_epoch_trains_the_editor_an_uninterrupted_run_trains(tmp_path):
+    """2 steps, stop, resume to 4 == 4 steps in one go: the resumed run continues the epoch's draws
+    (the train loader's state travels in last.ckpt) instead of starting them over, and its final
+    editor replaces the earlier process's unvalidated `best`. (A constant learning rate: a cosine
+    schedule spans max_steps, which the two processes here set differently.)"""
+    from safetensors.torch import load_file
+
+    from metaedit.training import train
+
+    editors = {}
+    for name, stops in (("whole", [4]), ("resumed", [2, 4])):
+        for steps in stops:
+            train(tiny_train_cfg(tmp_path / name, steps, "method.optim.schedule=constant"))
+        run = tmp_path / name / "checkpoints" / "mend-tiny-gpt2-synthetic"
+        last = torch.load(run / "last.ckpt", weights_only=True)
+        assert last["global_step"] == 4
+        assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"passes": 0, "taken": 4}]  # mid-epoch
+        editors[name] = load_file(run / "best" / "editor.safetensors")
+        assert all(torch.equal(editors[name][k], last["state_dict"][f"editor.{k}"]) for k in editors[name])
+    assert editors["whole"].keys() == editors["resumed"].keys()
+    for key, value in editors["whole"].items():
+        torch.testing.assert_close(editors["resumed"][key], value, rtol=0, atol=0, msg=key)

@@ -164,3 +164,41 @@ def test_relation_balance_draws_relations_by_count_to_the_alpha(make_data, tiny)
         data.relation_sampler(by_rel[big], 0.0)
     with pytest.raises(MetaEditError, match=r"data.relation_balance must be null or in \[0, 1\], got 2"):
         make_data(formatter, relation_balance=2)
+
+
+@pytest.mark.parametrize("balance", [None, 0.5])
+def test_a_resumed_train_loader_continues_with_the_batches_it_had_left(make_data, tiny, balance):
+    """Lightning saves the train loader's state in each checkpoint: a loader restored from it yields
+    exactly the batches an uninterrupted one would have (the draws of the sampler and of the
+    collator's rephrase / locality / target sampling), mid-epoch, at an epoch's end and epochs later."""
+    from metaedit.models.loading import make_formatter
+
+    model, tok, cfg = tiny("tiny-gpt2")
+    formatter = make_formatter(model, tok, cfg)
+
+    def loader():
+        data = make_data(formatter, n_edits=4, relation_balance=balance, loc_per_edit=2)
+        data.setup("fit")
+        return data.train_dataloader()
+
+    def signature(batch):
+        return ([(q.prompt, q.target) for q in batch.requests], batch.inscope_prompts, batch.loc_prompts)
+
+    whole = loader()
+    n = len(whole)
+    assert n >= 6
+    seen, states = [], {}
+    for _ in range(3):  # three epochs, recording the state after every batch
+        for batch in whole:
+            seen.append(signature(batch))
+            states[len(seen)] = whole.state_dict()
+    assert len(seen) == 3 * n and len(set(map(str, seen))) > n  # epochs draw differently
+    for stop in (n // 2, n, n + 3):  # mid-epoch, at an epoch's end, in the second epoch
+        resumed = loader()
+        resumed.load_state_dict(states[stop])
+        rest = [signature(b) for b in resumed]
+        rest += [signature(b) for b in resumed]  # the next epoch goes on as well
+        expect_end = (stop // n + 1) * n
+        assert rest == seen[stop : expect_end + n], stop
+    # A fresh loader without a restored state starts at the beginning.
+    assert [signature(b) for b in loader()] == seen[:n]

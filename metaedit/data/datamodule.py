@@ -37,6 +37,55 @@ class RecordDataset(Dataset):
         return self.records[i]
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader that a resumed training run continues where it stopped, batch for batch.
+
+    Lightning saves `state_dict()` in every checkpoint and calls `load_state_dict()` before it first
+    iterates a resumed run's loader. Without them a run resumed mid-epoch starts the epoch's draws
+    over (the sampler's and collator's random generators are seeded afresh), so it repeats the
+    batches it already took and never takes the ones it had left. The state is where the loader
+    was: completed passes and batches taken from the current one. Restoring replays exactly that
+    many draws — sampler, collator and all, without a model — so every generator is where it was;
+    replay costs collation only (a few seconds per epoch of a few thousand batches)."""
+
+    # Lightning re-creates a loader through its __init__ arguments (DDP's sampler), so the position
+    # lives in attributes set on first use rather than in an overridden __init__.
+    _pass: int = -1  # the pass being taken (-1: none started)
+    _taken: int = 0  # batches taken from it
+    _restore: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        passes, taken = max(self._pass, 0), self._taken
+        if taken and taken >= len(self):  # a finished pass: the next one starts afresh
+            passes, taken = passes + 1, 0
+        return {"passes": passes, "taken": taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._restore = (int(state["passes"]), int(state["taken"]))
+
+    def __iter__(self):  # type: ignore[override]
+        skip = 0
+        if self._restore is not None:
+            passes, skip = self._restore
+            self._restore = None
+            log.info("train loader: replaying %d pass(es) and %d batch(es) of draws to continue where the run "
+                     "stopped", passes, skip)
+            for _ in range(passes):
+                for _ in super().__iter__():
+                    pass
+            self._pass = passes
+        else:
+            self._pass += 1
+        self._taken = 0
+        it = super().__iter__()
+        for _ in range(skip):
+            next(it)
+            self._taken += 1
+        for batch in it:
+            self._taken += 1
+            yield batch
+
+
 class EditCollator:
     """Records -> EditBatch. Training samples a few rephrases/locality inputs per edit (fresh each
     time) and, where a record lists `target_candidates`, a fresh new target; evaluation uses the
@@ -211,7 +260,7 @@ class EditDataModule(pl.LightningDataModule):
         shuffle = train if shuffle is None else shuffle
         balance = self.relation_balance if train and shuffle else None
         sampler = None if balance is None else self.relation_sampler(recs, balance)
-        return DataLoader(
+        return ResumableLoader(
             RecordDataset(recs),
             batch_size=batch_size or (self.n_edits if train else self.eval_n_edits),
             shuffle=shuffle and sampler is None,
