@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,13 +22,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from metaedit.editors.base import Editor
 from metaedit.functional import EditedModel
 from metaedit.models.fingerprint import fingerprint
 from metaedit.progress import Progress
 from metaedit.types import EditBatch, EditRequest, MetaEditError, SequenceState
+from metaedit.utils import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +127,7 @@ class SequenceCheckpoint:
         tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
         meta = {"format": self.FORMAT, "key": key, "steps": str(state.steps), "times_ms": json.dumps(times_ms)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, self.path)
+        save_tensors(tensors, self.path, metadata=meta)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

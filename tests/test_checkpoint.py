@@ -202,6 +202,9 @@ def test_atomic_writes_keep_the_modes_the_umask_gives(make_editor, tmp_path):
     # A temp file or directory is private (0600 / 0700); renamed into place it must not stay so.
     assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "ed").stat().st_mode) == 0o755
+    # safetensors writes its files 0600 whatever the umask: a saved editor is readable like the rest.
+    assert stat.S_IMODE((tmp_path / "ed" / WEIGHTS).stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "ed" / "editor_config.json").stat().st_mode) == 0o644
 
 
 class LateRestoreStrategy(SingleDeviceStrategy):

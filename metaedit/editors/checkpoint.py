@@ -10,12 +10,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safetensors.torch import save_file
-
 import metaedit
 from metaedit.models.fingerprint import fingerprint
 from metaedit.types import MetaEditError
-from metaedit.utils import atomic_dir
+from metaedit.utils import atomic_dir, save_tensors
 
 if TYPE_CHECKING:
     from metaedit.editors.base import Editor
@@ -40,7 +38,7 @@ def save_editor(editor: Editor, directory: str | Path) -> Path:
     # contiguous() + clone(): safetensors refuses shared or strided storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in editor.state_dict().items()}
     with atomic_dir(directory) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"method": editor.method})
+        save_tensors(tensors, tmp / WEIGHTS, metadata={"method": editor.method})
         (tmp / CONFIG).write_text(json.dumps(config, indent=1))
     return directory
 

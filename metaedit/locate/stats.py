@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from metaedit.hooks import captured, forward_stops_after
@@ -35,7 +35,7 @@ from metaedit.models.fingerprint import fingerprint
 from metaedit.precision import uses_bf16
 from metaedit.progress import Progress
 from metaedit.types import MetaEditError
-from metaedit.utils import file_lock
+from metaedit.utils import file_lock, save_tensors
 
 log = logging.getLogger(__name__)
 STATS_FORMAT = 1
@@ -330,9 +330,7 @@ def second_moments(model: nn.Module, tokenizer: Any, layers: Sequence[int], spec
                 weights.parent.mkdir(parents=True, exist_ok=True)
                 c = moments[ell].to(torch.float32)
                 # Each file whole or absent (temporary name, then rename); the manifest last.
-                tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-                save_file({"C": c.cpu().contiguous()}, str(tmp))
-                os.replace(tmp, weights)
+                save_tensors({"C": c.cpu().contiguous()}, weights)
                 tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
                 tmp.write_text(json.dumps({
                     "format": STATS_FORMAT, "fingerprint": fp, "corpus_digest": digest, "corpus": desc,

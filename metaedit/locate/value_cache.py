@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from metaedit.types import EditRequest
+from metaedit.utils import save_tensors
 
 VALUES_FORMAT = 1
 
@@ -66,10 +67,8 @@ class ValueCache:
             tmp.write_text(json.dumps(self.scope, indent=1, default=str))
             os.replace(tmp, scope)
         path = self._path(request)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-        save_file({"delta": delta.detach().float().cpu().contiguous()}, str(tmp),
-                  metadata={"prompt": request.prompt, "target": request.target})
-        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+        save_tensors({"delta": delta.detach().float().cpu().contiguous()}, path,  # a reader sees all or none
+                     metadata={"prompt": request.prompt, "target": request.target})
 
     def _claim_path(self, request: EditRequest) -> Path:
         return self.dir / f"{self.request_key(request)}.claim"

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
@@ -25,7 +23,7 @@ from metaedit.models.fingerprint import fingerprint
 from metaedit.models.inner_params import InnerParam
 from metaedit.progress import Progress
 from metaedit.types import EditRequest, LMBatch, MetaEditError
-from metaedit.utils import file_lock
+from metaedit.utils import file_lock, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +136,8 @@ class AlphaEditEditor(LocateEditor):
                     log.info("alphaedit: %s", progress.line(done))
             path.parent.mkdir(parents=True, exist_ok=True)
             seconds = time.perf_counter() - t0
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file({str(layer): g.cpu().contiguous() for layer, g in grams.items()}, str(tmp),
-                      metadata={"scope": json.dumps(scope, default=str), "seconds": repr(seconds)})
-            os.replace(tmp, path)  # a reader sees a whole file or none
+            save_tensors({str(layer): g.cpu().contiguous() for layer, g in grams.items()}, path,  # whole or none
+                         metadata={"scope": json.dumps(scope, default=str), "seconds": repr(seconds)})
         return {layer: self.preserve_weight * g for layer, g in grams.items()}, seconds
 
     def projector(self, layer: int) -> Tensor:

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from metaedit.types import EditRequest, MetaEditError
-from metaedit.utils import atomic_dir
+from metaedit.utils import atomic_dir, save_tensors
 
 MEMORY_TEXTS, MEMORY_KEYS = "memory.json", "memory.safetensors"
 
@@ -52,7 +52,7 @@ class EditMemory:
         with atomic_dir(directory) as tmp:
             (tmp / MEMORY_TEXTS).write_text(json.dumps(meta, indent=1))
             keys = {} if self.keys is None else {"keys": self.keys.detach().to("cpu").contiguous().clone()}
-            save_file(keys, str(tmp / MEMORY_KEYS))
+            save_tensors(keys, tmp / MEMORY_KEYS)
         return directory
 
     @classmethod
