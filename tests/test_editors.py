@@ -470,10 +470,59 @@ def test_mend_key_whitening_applies_the_rome_direction_and_spares_common_keys(ti
     assert nll(white.apply_edits(batch, []).logits(batch), batch.targets) < before
 
 
-def test_mend_key_whitening_refuses_a_layer_without_key_statistics_and_a_bad_ridge(make_editor):
+@pytest.mark.parametrize("method", ["enn", "ke"])
+def test_enn_and_ke_key_whitening_step_along_the_whitened_gradient_and_spare_common_keys(tiny, tmp_path, method):
+    """ENN's step and KE's conditioner input with key_whitening are G A · ⟨G, G⟩/⟨G, G A⟩ for the edit's
+    gradient G (A = (C + ρI)⁻¹ from the key statistics): the same first-order descent along G, far
+    less movement along the keys' dominant direction; the whitened edit still lowers the edit loss."""
+    from metaedit.editors.io import build_editor
+    from metaedit.editors.rows import per_edit_gradients
+    from metaedit.locate.solve import regularised
+    from metaedit.locate.stats import StatsSpec, second_moments
+    from metaedit.models.inner_params import resolve_inner_params
+    from metaedit.types import EditRequest
+
+    model, tok, cfg = tiny("tiny-llama")
+    inner = resolve_inner_params(model, [{"container": "model.layers", "depth": [0.0, 1.0], "pattern": r"mlp\.down_proj"}])
+    stats = {"n_tokens": 3000, "seq_len": 64}
+    step = {"enn": {"edit_lr": 0.3, "first_order": True}, "ke": {"init_lr": 0.3}}[method]
+    plain = build_editor(method, model, cfg, step, tokenizer=tok, inner_params=inner)
+    white = build_editor(method, model, cfg, {**step, "key_whitening": 1e-2, "stats": stats}, tokenizer=tok,
+                         inner_params=inner, cache_dir=tmp_path)
+    white.load_state_dict(plain.state_dict())
+    white.prepare()
+    assert white.hparams()["key_whitening"] == 1e-2 and plain.hparams()["key_whitening"] is None
+    reqs = [EditRequest(prompt=p, target=t) for p, t in requests(2)]
+    batch = plain.formatter.batch(*zip(*requests(2)))
+    grads = per_edit_gradients(model, inner, batch, summed=method == "enn")
+    by_plain, by_white = plain.apply_edits(batch, reqs).params, white.apply_edits(batch, reqs).params
+    layers = [int(p.module_name.split(".")[2]) for p in inner]
+    moments = second_moments(model, tok, sorted(set(layers)), StatsSpec(**stats), tmp_path)
+    for i, (p, ell, g) in enumerate(zip(inner, layers, grads)):
+        a = torch.linalg.inv(regularised(moments[ell], 1e-2)).float()
+        if method == "enn":  # the step itself: −α G_w
+            expected = (g @ a) * ((g * g).sum() / (g * (g @ a)).sum())
+            w = white.whitening.gradient(white, i, g)
+            assert torch.allclose(w, expected, rtol=1e-4, atol=1e-7)
+            assert torch.allclose((w * g).sum(), (g * g).sum(), rtol=1e-4)  # the same first-order descent
+            assert torch.allclose(by_white[p.name] - model.get_parameter(p.name), -0.3 * w, rtol=1e-4, atol=1e-7)
+        else:  # KE's conditioner reads each edit's whitened gradient
+            w = white.per_edit_gradients(batch, reqs)[i]
+            scale = (g * g).sum((-2, -1), keepdim=True) / (g * (g @ a)).sum((-2, -1), keepdim=True)
+            assert torch.allclose(w, (g @ a) * scale, rtol=1e-4, atol=1e-7)
+        top = torch.linalg.eigh(moments[ell].double()).eigenvectors[:, -1].float()  # the keys' common direction
+        d_plain = (by_plain[p.name] - model.get_parameter(p.name)) @ top
+        d_white = (by_white[p.name] - model.get_parameter(p.name)) @ top
+        assert d_white.norm() < 0.5 * d_plain.norm(), p.name
+    before = nll(forward_logits(model, batch), batch.targets)
+    assert nll(white.apply_edits(batch, reqs).logits(batch), batch.targets) < before
+
+
+@pytest.mark.parametrize("method", ["mend", "enn", "ke"])
+def test_mend_key_whitening_refuses_a_layer_without_key_statistics_and_a_bad_ridge(make_editor, method):
     from metaedit.types import MetaEditError
 
     with pytest.raises(MetaEditError, match=r"key_whitening needs every inner parameter to be an MLP output projection"):
-        make_editor("mend", "tiny-llama", key_whitening=1e-2)  # the default inner params include gate/up_proj
+        make_editor(method, "tiny-llama", key_whitening=1e-2)  # the default inner params include gate/up_proj
     with pytest.raises(MetaEditError, match="key_whitening must be > 0"):
-        make_editor("mend", "tiny-llama", key_whitening=0.0)
+        make_editor(method, "tiny-llama", key_whitening=0.0)

@@ -13,7 +13,9 @@ from metaedit.decoding import greedy_relabel
 from metaedit.editors.base import Editor
 from metaedit.editors.ke.networks import ConditionEncoder, MatrixConditioner
 from metaedit.editors.rows import check_rows, per_edit_gradients
+from metaedit.editors.whitening import KeyWhitening
 from metaedit.functional import EditedModel, forward_logits
+from metaedit.locate.stats import StatsSpec
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
@@ -54,6 +56,10 @@ class KEEditor(Editor):
             editor from scratch; Adam moves every entry by ~lr per step whatever its scale, so at the
             heads' rate the copy can drift out of the base's token space (as for SERAC's cf_lr). With
             a real vocabulary it is also most of KE's parameters (SmolLM2-135M: 49152 × 576 = 28M).
+        key_whitening: ridge ρ: each ∇W_i enters the conditioner as ∇W_i A · ⟨∇W_i, ∇W_i⟩/⟨∇W_i, ∇W_i A⟩,
+            A = (C + ρ·mean(diag C)·I)⁻¹ from the layer's key statistics (ENN's key_whitening,
+            metaedit/editors/whitening.py); None: the plain gradient. MLP output projections only.
+        stats: how C is estimated (metaedit.locate.stats.StatsSpec).
     """
 
     method = "ke"
@@ -75,8 +81,11 @@ class KEEditor(Editor):
         success_decay: float = 0.95,
         embed_lr: float | None = None,
         rows: Literal["nonpad", "subject", "subject_last"] = "nonpad",
+        key_whitening: float | None = None,
+        stats: StatsSpec | dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, inner_params)
+        self.whitening = KeyWhitening(self.method, model, inner_params, key_whitening, stats)
         if objective not in OBJECTIVES:
             raise MetaEditError(f"ke objective must be one of {OBJECTIVES}, got {objective!r}")
         check_rows("ke", rows)
@@ -108,7 +117,8 @@ class KEEditor(Editor):
         return {"hidden": self.hidden, "cond_dim": self.cond_dim, "init_lr": self.init_lr, "objective": self.objective,
                 "lambda_init": self.lambda_init, "lambda_lr": self.lambda_lr, "margin_init": self.margin_init,
                 "margin_min": self.margin_min, "anneal_at": self.anneal_at, "anneal_factor": self.anneal_factor,
-                "success_decay": self.success_decay, "embed_lr": self.embed_lr, "rows": self.rows}
+                "success_decay": self.success_decay, "embed_lr": self.embed_lr, "rows": self.rows,
+                "key_whitening": self.whitening.rho, "stats": self.whitening.stats.to_dict()}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         embed = self.encoder.embed.weight
@@ -165,8 +175,14 @@ class KEEditor(Editor):
         return self.encoder(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
 
     def per_edit_gradients(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None) -> list[Tensor]:
-        """∇W_i for each inner matrix and edit i, [n_edits, d_out, d_in], over the `rows` positions."""
-        return per_edit_gradients(self.model, self.inner_params, edit, self.rows, self.formatter, requests)
+        """∇W_i for each inner matrix and edit i, [n_edits, d_out, d_in], over the `rows` positions
+        (along A with key_whitening: metaedit/editors/whitening.py)."""
+        grads = per_edit_gradients(self.model, self.inner_params, edit, self.rows, self.formatter, requests)
+        return [self.whitening.gradient(self, i, g) for i, g in enumerate(grads)]
+
+    def prepare(self) -> None:
+        """The key statistics, when key_whitening is on (computed once per base model, then cached)."""
+        self.whitening.prepare(self)
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
         c = self.condition(edit, requests)

@@ -11,11 +11,10 @@ from transformers import PreTrainedModel
 
 from metaedit.editors.base import Editor
 from metaedit.editors.mend.networks import GradientTransform
+from metaedit.editors.whitening import KeyWhitening
 from metaedit.functional import EditedModel, forward_logits
 from metaedit.hooks import capture_layer_io
-from metaedit.locate.arch import layout_of, n_layers
-from metaedit.locate.solve import regularised
-from metaedit.locate.stats import StatsSpec, second_moments
+from metaedit.locate.stats import StatsSpec
 from metaedit.locate.tokens import subject_row_mask
 from metaedit.losses import exact_correct, nll, rival_logprob
 from metaedit.models.inner_params import InnerParam
@@ -118,13 +117,8 @@ class MENDEditor(Editor):
         self.edit_lr_lr, self.chunk_size, self.edit_scale = edit_lr_lr, chunk_size, float(edit_scale)
         self.edit_steps, self.edit_contrast = int(edit_steps), float(edit_contrast)
         self.transform_delta = bool(transform_delta)
-        if key_whitening is not None and not key_whitening > 0:
-            raise MetaEditError(f"{self.method} key_whitening must be > 0 or null, got {key_whitening}")
-        self.key_whitening = None if key_whitening is None else float(key_whitening)
-        self.stats = StatsSpec.coerce(stats)
-        self._whiteners: list[Tensor] | None = None  # A per inner layer, made on first use (not saved)
-        if self.key_whitening is not None:
-            self._key_layers()  # refuse a layer without key statistics now, not at the first edit
+        # Refuses a layer without key statistics now, not at the first edit.
+        self.whitening = KeyWhitening(self.method, model, inner_params, key_whitening, stats)
         # One network per distinct (d_in, d_out), shared by all layers of that shape.
         shapes = sorted({(p.d_in, p.d_out) for p in self.inner_params})
         self._slot: list[tuple[str, int]] = []
@@ -142,8 +136,8 @@ class MENDEditor(Editor):
         return {"rank": self.rank, "edit_lr": self.edit_lr_init, "rows": self.rows, "n_blocks": self.n_blocks,
                 "act": self.act, "edit_lr_lr": self.edit_lr_lr, "chunk_size": self.chunk_size, "edit_scale": self.edit_scale,
                 "edit_steps": self.edit_steps, "edit_contrast": self.edit_contrast,
-                "transform_delta": self.transform_delta, "key_whitening": self.key_whitening,
-                "stats": self.stats.to_dict()}
+                "transform_delta": self.transform_delta, "key_whitening": self.whitening.rho,
+                "stats": self.whitening.stats.to_dict()}
 
     def step_size(self, i: int) -> Tensor:
         """The step size η_ℓ of inner layer i as an edit applies it (times the fixed edit_scale)."""
@@ -155,43 +149,13 @@ class MENDEditor(Editor):
         return [{"params": rest, "lr": lr},
                 {"params": [self.edit_lrs], "lr": lr if self.edit_lr_lr is None else self.edit_lr_lr, "weight_decay": 0.0}]
 
-    def _key_layers(self) -> list[int]:
-        """The block index of each inner parameter, which must be a block's MLP output projection."""
-        lay = layout_of(self.model)
-        by_name = {f"{lay.blocks}.{ell}.{lay.out_proj}": ell for ell in range(n_layers(self.model))}
-        missing = [p.module_name for p in self.inner_params if p.module_name not in by_name]
-        if missing:
-            raise MetaEditError(f"{self.method} key_whitening needs every inner parameter to be an MLP output "
-                                f"projection ({lay.blocks}.N.{lay.out_proj}); not one: {missing}")
-        return [by_name[p.module_name] for p in self.inner_params]
-
-    def whiteners(self) -> list[Tensor]:
-        """A = (C + ρ·mean(diag C)·I)⁻¹ per inner layer (float32, the editor's device)."""
-        if self._whiteners is None:
-            if self.formatter is None:
-                raise MetaEditError(f"{self.method} key_whitening needs the tokenizer (the key statistics sample "
-                                    "text from the base model); load the editor with one")
-            assert self.key_whitening is not None
-            layers = self._key_layers()
-            moments = second_moments(self.model, self.formatter.tokenizer, sorted(set(layers)), self.stats, self.cache_root)
-            inverse = {ell: torch.linalg.inv(regularised(c, self.key_whitening)) for ell, c in moments.items()}
-            self._whiteners = [inverse[ell].to(self.edit_lrs.device, self.edit_lrs.dtype) for ell in layers]
-        return self._whiteners
-
     def prepare(self) -> None:
         """The key statistics, when key_whitening is on (computed once per base model, then cached)."""
-        if self.key_whitening is not None:
-            self.whiteners()
+        self.whitening.prepare(self)
 
     def whiten(self, i: int, u: Tensor) -> Tensor:
         """ũ_w = A ũ · (ũᵀũ)/(ũᵀA ũ) for the rows of inner layer i (key_whitening; else ũ)."""
-        if self.key_whitening is None:
-            return u
-        a = self.whiteners()[i].to(u.device, u.dtype)
-        w = u @ a  # A is symmetric
-        # ũᵀAũ > 0 for ũ ≠ 0 (A is positive definite); zero rows stay zero.
-        scale = (u * u).sum(-1, keepdim=True) / (u * w).sum(-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
-        return w * scale
+        return self.whitening.rows(self, i, u)
 
     def state_to_log(self) -> dict[str, Tensor | float]:
         # The learned step sizes η_ℓ: their scale says whether the edits are still growing.
