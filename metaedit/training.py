@@ -97,18 +97,26 @@ def init_from_saved(editor: Editor, path: str | Path, model: Any, tokenizer: Any
     base model and inner params, with tensors of the same shapes; its other settings (step sizes'
     initial value, loss weights) are this run's. The optimizer starts fresh."""
     saved = load_editor(path, model=model, tokenizer=tokenizer, cache_dir=cache_dir)
-    if saved.method != editor.method:
+    # A subclass's editor may start from its parent's (MALMEN from a trained MEND: the same networks
+    # and step sizes; its own tensors, the regularisers λ, keep their initial values).
+    extends = saved.method != editor.method and isinstance(editor, type(saved))
+    if saved.method != editor.method and not extends:
         raise MetaEditError(f"init_from={path}: a {saved.method} editor cannot start a {editor.method} run")
     names, saved_names = [p.name for p in editor.inner_params], [p.name for p in saved.inner_params]
     if names != saved_names:
         raise MetaEditError(f"init_from={path}: it edits {saved_names[:3]}... ({len(saved_names)} params) but this run "
                             f"edits {names[:3]}... ({len(names)}); set model.inner_params as it was trained")
+    own = set(editor.state_dict()) - set(saved.state_dict()) if extends else set()
     try:
-        editor.load_state_dict(saved.state_dict(), strict=True)
+        missing, unexpected = editor.load_state_dict(saved.state_dict(), strict=not extends)
     except RuntimeError as e:
         raise MetaEditError(f"init_from={path}: its tensors do not fit this run's {editor.method} editor "
                             f"(a changed shape setting, e.g. rank?): {str(e).splitlines()[-1].strip()}") from None
-    log.info("init_from %s: %d editor tensors loaded (optimizer fresh)", path, len(saved.state_dict()))
+    if unexpected or not set(missing) <= own:  # strict=False may only leave the subclass's own tensors out
+        raise MetaEditError(f"init_from={path}: its tensors do not fit this run's {editor.method} editor "
+                            f"(missing {sorted(set(missing) - own)}, unexpected {sorted(unexpected)})")
+    log.info("init_from %s: %d editor tensors loaded (optimizer fresh)%s", path, len(saved.state_dict()),
+             f"; {sorted(own)} at their initial values" if own else "")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -205,3 +205,16 @@ def test_init_from_starts_a_run_from_a_saved_editors_tensors(tmp_path):
     assert "init_from=" in res.stderr and "do not fit this run's mend editor" in res.stderr
     res = run_cli([*base, "run_name=other", "method=ft", f"init_from={runs / 'first' / 'best'}"], tmp_path)
     assert res.returncode != 0 and "a mend editor cannot start a ft run" in res.stderr
+    # MALMEN extends MEND: it may start from a trained MEND (same networks and step sizes, its own
+    # regularisers λ at lambda_init); the other way round is refused.
+    same = ["model.inner_params=[{container: transformer.h, layers: [0, 1, 2, 3], pattern: 'mlp\\.(c_fc|c_proj)'}]",
+            "method.editor.rank=128", "method.editor.rows=target", "method.editor.lambda_init=1.5"]
+    res = run_cli([*base, "run_name=malmen", "method=malmen", "method.optim.lr=0.0", *same,
+                   f"init_from={runs / 'first' / 'best'}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    malmen = load_file(str(runs / "malmen" / "best" / "editor.safetensors"))
+    assert set(malmen) == set(first) | {"log_lambdas"}
+    assert all(torch.equal(malmen[k], first[k]) for k in weights)
+    assert torch.equal(malmen["log_lambdas"], torch.full_like(malmen["log_lambdas"], 1.5))
+    res = run_cli([*base, "run_name=other", f"init_from={runs / 'malmen' / 'best'}"], tmp_path)
+    assert res.returncode != 0 and "a malmen editor cannot start a mend run" in res.stderr

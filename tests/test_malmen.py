@@ -30,6 +30,60 @@ def test_solve_is_the_closed_form_and_tends_to_the_summed_update():
     torch.testing.assert_close(big.exp() * solve_shift(k.T @ k, d.T @ k, big), d.T @ k, atol=1e-6, rtol=1e-6)
 
 
+def test_solve_with_a_ridge_matrix_is_the_closed_form_and_tends_to_the_whitened_summed_update():
+    g = torch.Generator().manual_seed(1)
+    k, d = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    m = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    r = m @ m.T + 0.5 * torch.eye(4, dtype=torch.float64)  # symmetric positive definite
+    lam = torch.tensor(0.3, dtype=torch.float64)
+    torch.testing.assert_close(solve_shift(k.T @ k, d.T @ k, lam, r), d.T @ k @ torch.linalg.inv(k.T @ k + lam.exp() * r))
+    big = torch.tensor(25.0, dtype=torch.float64)  # e^λ ΔW → Dᵀ K R⁻¹
+    torch.testing.assert_close(big.exp() * solve_shift(k.T @ k, d.T @ k, big, r), d.T @ k @ torch.linalg.inv(r),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_key_covariance_regularises_the_solve_with_the_keys_second_moment(tiny, tmp_path):
+    """key_covariance=ρ: the solve's regulariser is C + ρ·mean(diag C)·I scaled to mean diagonal 1 (C
+    from the key statistics), the setting survives a save/load, and at a large λ the shift moves
+    the keys' dominant direction (what every text's keys share) far less than the identity's."""
+    from metaedit.locate.solve import regularised
+    from metaedit.locate.stats import StatsSpec, second_moments
+    from metaedit.models.inner_params import resolve_inner_params
+
+    model, tok, cfg = tiny("tiny-llama")
+    inner = resolve_inner_params(model, [{"container": "model.layers", "depth": [0.0, 1.0], "pattern": r"mlp\.down_proj"}])
+    stats = {"n_tokens": 3000, "seq_len": 64}
+    plain = build_editor("malmen", model, cfg, {"rank": 8}, tokenizer=tok, inner_params=inner)
+    cov = build_editor("malmen", model, cfg, {"rank": 8, "key_covariance": 1e-2, "stats": stats}, tokenizer=tok,
+                       inner_params=inner, cache_dir=tmp_path)
+    batch = plain.formatter.batch(*zip(*requests(3)))
+    _non_trivial(plain, batch)
+    cov.load_state_dict(plain.state_dict())
+    cov.eval()  # (training mode would move the networks' running input statistics on every pass)
+    cov.prepare()
+    layers = [int(p.module_name.split(".")[2]) for p in inner]
+    moments = second_moments(model, tok, sorted(set(layers)), StatsSpec(**stats), tmp_path)
+    with torch.no_grad():
+        sums = cov.normal_equations(batch)
+        for i, (ell, (gram, cross), shift) in enumerate(zip(layers, sums, cov.weight_shifts(batch))):
+            r = regularised(moments[ell], 1e-2)
+            r = (r / torch.diagonal(r).mean()).float()
+            torch.testing.assert_close(shift, solve_shift(gram, cross, cov.log_lambdas[i], r), rtol=1e-4, atol=1e-7)
+        for ed in (plain, cov):
+            ed.log_lambdas.fill_(12.0)
+        for ell, p_shift, c_shift in zip(layers, plain.weight_shifts(batch), cov.weight_shifts(batch)):
+            top = torch.linalg.eigh(moments[ell].double()).eigenvectors[:, -1].float()
+            assert (c_shift @ top).norm() / c_shift.norm() < 0.5 * (p_shift @ top).norm() / p_shift.norm()
+    save_editor(cov, tmp_path / "ed")
+    back = load_editor(tmp_path / "ed", model=model, tokenizer=tok, cache_dir=tmp_path)
+    assert back.hparams()["key_covariance"] == 1e-2 and back.covariance.stats == cov.covariance.stats
+    assert plain.hparams()["key_covariance"] is None
+    with pytest.raises(MetaEditError, match="key_covariance must be > 0"):
+        build_editor("malmen", model, cfg, {"key_covariance": 0.0}, tokenizer=tok, inner_params=inner)
+    with pytest.raises(MetaEditError, match="key_covariance needs every inner parameter to be an MLP output projection"):
+        build_editor("malmen", model, cfg, {"key_covariance": 1e-2}, tokenizer=tok)  # default: gate/up_proj too
+
+
 def _non_trivial(ed, batch, reqs=None):
     torch.manual_seed(0)
     ed.train()

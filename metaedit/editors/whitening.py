@@ -9,6 +9,9 @@ The update's effect on the edit itself is kept: a row u becomes A u · (uᵀu)/(
 gradient G = Σ δ uᵀ becomes G A · ⟨G, G⟩/⟨G, G A⟩, so a step −η G_w lowers the edit loss, to first
 order, exactly as much as the plain step −η G (⟨G, G_w⟩ = ⟨G, G⟩). Editors keep their step sizes'
 meaning, and a whitened editor starts meta-training where the plain one does.
+
+MALMEN uses the same statistics the other way round: C (regularised, scaled to mean diagonal 1) as
+the penalty of its least-squares solve (`covariances`; its key_covariance option).
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ class KeyWhitening:
     describes; that is checked at construction, so a wrong layer fails before training starts."""
 
     def __init__(self, method: str, model: Any, inner_params: Sequence[InnerParam], rho: float | None,
-                 stats: StatsSpec | dict[str, Any] | None) -> None:
+                 stats: StatsSpec | dict[str, Any] | None, option: str = "key_whitening") -> None:
+        # `option`: the editor's name for ρ, which error messages quote (MALMEN's is key_covariance).
         if rho is not None and not rho > 0:
-            raise MetaEditError(f"{method} key_whitening must be > 0 or null, got {rho}")
-        self.method, self.model, self.rho = method, model, None if rho is None else float(rho)
+            raise MetaEditError(f"{method} {option} must be > 0 or null, got {rho}")
+        self.method, self.model, self.rho, self.option = method, model, None if rho is None else float(rho), option
         self.stats = StatsSpec.coerce(stats)
-        self._inverses: list[Tensor] | None = None  # float64, the model's device
-        self._cast: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        self._moments: list[Tensor] | None = None  # C + ρ·mean(diag C)·I, float64, the model's device
+        self._inverses: list[Tensor] | None = None  # their inverses A
+        self._cast: dict[tuple[str, torch.dtype, torch.device], list[Tensor]] = {}
         self.layers = self._key_layers(inner_params) if self.rho is not None else []
 
     @property
@@ -55,37 +60,56 @@ class KeyWhitening:
         by_name = {f"{lay.blocks}.{ell}.{lay.out_proj}": ell for ell in range(n_layers(self.model))}
         missing = [p.module_name for p in inner_params if p.module_name not in by_name]
         if missing:
-            raise MetaEditError(f"{self.method} key_whitening needs every inner parameter to be an MLP output "
+            raise MetaEditError(f"{self.method} {self.option} needs every inner parameter to be an MLP output "
                                 f"projection ({lay.blocks}.N.{lay.out_proj}); not one: {missing}")
         return [by_name[p.module_name] for p in inner_params]
 
-    def _inverse(self, editor: Editor) -> list[Tensor]:
-        """A per inner parameter, float64 on the model's device. The statistics sample text from the
-        base model through the editor's tokenizer (computed once per base model, then cached under
-        the editor's cache_root)."""
-        if self._inverses is None:
+    def _regularised(self, editor: Editor) -> list[Tensor]:
+        """C + ρ·mean(diag C)·I per inner parameter, float64 on the model's device. The statistics
+        sample text from the base model through the editor's tokenizer (computed once per base
+        model, then cached under the editor's cache_root)."""
+        if self._moments is None:
             if editor.formatter is None:
-                raise MetaEditError(f"{self.method} key_whitening needs the tokenizer (the key statistics sample "
+                raise MetaEditError(f"{self.method} {self.option} needs the tokenizer (the key statistics sample "
                                     "text from the base model); load the editor with one")
             assert self.rho is not None
             moments = second_moments(self.model, editor.formatter.tokenizer, sorted(set(self.layers)), self.stats,
                                      editor.cache_root)
-            inverse = {ell: torch.linalg.inv(regularised(c, self.rho)) for ell, c in moments.items()}
-            self._inverses = [inverse[ell] for ell in self.layers]
+            by_layer = {ell: regularised(c, self.rho) for ell, c in moments.items()}
+            self._moments = [by_layer[ell] for ell in self.layers]
+        return self._moments
+
+    def _inverse(self, editor: Editor) -> list[Tensor]:
+        """A per inner parameter, float64 on the model's device (layers sharing a block share one)."""
+        if self._inverses is None:
+            moments = self._regularised(editor)
+            inverse = {id(c): torch.linalg.inv(c) for c in moments}
+            self._inverses = [inverse[id(c)] for c in moments]
         return self._inverses
+
+    def covariances(self, editor: Editor, like: Tensor) -> list[Tensor]:
+        """(C + ρ·mean(diag C)·I)/((1 + ρ)·mean(diag C)) per inner parameter in `like`'s dtype and
+        device: the regularised key second moment scaled to mean diagonal 1, so that it can stand
+        where an identity stood (same trace) without changing the meaning of a weight on it."""
+        key = ("covariance", like.dtype, like.device)
+        if key not in self._cast:
+            self._cast[key] = [(c / torch.diagonal(c).mean()).to(like.device, like.dtype)
+                               for c in self._regularised(editor)]
+        return self._cast[key]
 
     def matrices(self, editor: Editor, like: Tensor) -> list[Tensor]:
         """A per inner parameter in `like`'s dtype and device (converted once per dtype: float64 only
         in exact checks)."""
-        key = (like.dtype, like.device)
+        key = ("inverse", like.dtype, like.device)
         if key not in self._cast:
             self._cast[key] = [a.to(like.device, like.dtype) for a in self._inverse(editor)]
         return self._cast[key]
 
-    def prepare(self, editor: Editor) -> None:
-        """Compute (or load) the statistics now, when whitening is on: an editor's `prepare`."""
+    def prepare(self, editor: Editor, inverse: bool = True) -> None:
+        """Compute (or load) the statistics now, when ρ is set: an editor's `prepare`, so that the
+        first edit's time is not the statistics' (and, with `inverse`, not the inversion's)."""
         if self.enabled:
-            self._inverse(editor)
+            self._inverse(editor) if inverse else self._regularised(editor)
 
     def rows(self, editor: Editor, i: int, u: Tensor) -> Tensor:
         """u_w = A u · (uᵀu)/(uᵀA u) for the rows u [..., d_in] of inner parameter i; zero rows stay zero."""

@@ -11,21 +11,26 @@ from transformers import PreTrainedModel
 
 from metaedit.editors.mend import MENDEditor
 from metaedit.editors.mend.editor import RowsMode
+from metaedit.editors.whitening import KeyWhitening
 from metaedit.functional import EditedModel
+from metaedit.locate.stats import StatsSpec
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
 
 
-def solve_shift(gram: Tensor, cross: Tensor, log_lambda: Tensor) -> Tensor:
-    """ΔW = Dᵀ K (Kᵀ K + e^λ I)⁻¹ from gram = KᵀK [d_in, d_in] and cross = DᵀK [d_out, d_in].
+def solve_shift(gram: Tensor, cross: Tensor, log_lambda: Tensor, ridge: Tensor | None = None) -> Tensor:
+    """ΔW = Dᵀ K (Kᵀ K + e^λ R)⁻¹ from gram = KᵀK [d_in, d_in] and cross = DᵀK [d_out, d_in], R = I
+    unless `ridge` [d_in, d_in] (symmetric positive definite) is given.
 
-    KᵀK + e^λ I is symmetric, so ΔWᵀ = (KᵀK + e^λ I)⁻¹ KᵀD: one solve in d_in dimensions whatever the
-    number of rows of K. It is the ridge solution of min ‖K ΔWᵀ − D‖² + e^λ ‖ΔW‖²: the shift that best
+    KᵀK + e^λ R is symmetric, so ΔWᵀ = (KᵀK + e^λ R)⁻¹ KᵀD: one solve in d_in dimensions whatever the
+    number of rows of K. It is the solution of min ‖K ΔWᵀ − D‖² + e^λ tr(ΔW R ΔWᵀ): the shift that best
     maps every key to its value shift at once, instead of summing per-edit updates (MEND) that
-    cancel as edits accumulate. As λ → ∞, e^λ ΔW → DᵀK = Σ_t d_t k_tᵀ, a summed rank-1 update.
+    cancel as edits accumulate. As λ → ∞, e^λ ΔW → DᵀK R⁻¹ = Σ_t d_t (R⁻¹k_t)ᵀ, a summed rank-1 update.
+    With R the keys' second moment over generic text (MEMIT's C), the penalty tr(ΔW C ΔWᵀ) = E‖ΔW k‖²
+    is the output change at an average key: the shift avoids what every text's keys use.
     """
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + log_lambda.exp().to(gram.dtype) * eye, cross.T).T
+    reg = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) if ridge is None else ridge.to(gram.dtype)
+    return torch.linalg.solve(gram + log_lambda.exp().to(gram.dtype) * reg, cross.T).T
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -52,6 +57,12 @@ class MALMENEditor(MENDEditor):
         chunk_size: edits per chunk (base forward/backward, network pass, outer-loss pass).
         memory_cap_mb: if set, a chunk whose key/value buffers (with their autograd graph when
             training) would exceed this many MB is refused with a MetaEditError naming chunk_size.
+        key_covariance: None (the paper's) regularises the solve with e^λ I; ρ > 0 with e^λ R,
+            R = (C + ρ·mean(diag C)·I) scaled to mean diagonal 1 and C = E[k kᵀ] the layer's key second
+            moment over generic text (`stats`, as MEND's key_whitening; MLP output projections only).
+            The penalty is then the output change at an average key rather than ‖ΔW‖² (MEMIT's
+            trade-off), so neighbours, whose keys share the common directions, move less.
+        stats: how C is estimated (metaedit.locate.stats.StatsSpec).
     """
 
     method = "malmen"
@@ -72,6 +83,8 @@ class MALMENEditor(MENDEditor):
         edit_scale: float = 1.0,
         edit_contrast: float = 0.0,
         transform_delta: bool = True,
+        key_covariance: float | None = None,
+        stats: StatsSpec | dict[str, Any] | None = None,
     ) -> None:
         # edit_contrast / transform_delta act on MEND's capture and networks, which MALMEN reuses.
         super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
@@ -79,12 +92,20 @@ class MALMENEditor(MENDEditor):
                          edit_contrast=edit_contrast, transform_delta=transform_delta)
         self.lambda_init, self.memory_cap_mb = lambda_init, memory_cap_mb
         self.log_lambdas = nn.Parameter(torch.full((len(self.inner_params),), float(lambda_init)))
+        # The same statistics as MEND's key whitening, used as the solve's regulariser instead.
+        self.covariance = KeyWhitening(self.method, model, inner_params, key_covariance, stats, option="key_covariance")
 
     def hparams(self) -> dict[str, Any]:
         # MEND's edit_steps and key_whitening (with its stats) are not MALMEN's: its update is one
-        # least-squares solve over the layer's real keys.
+        # least-squares solve over the layer's real keys, whose regulariser may use the statistics.
         mend = {k: v for k, v in super().hparams().items() if k not in ("edit_steps", "key_whitening", "stats")}
-        return {**mend, "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb}
+        return {**mend, "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb,
+                "key_covariance": self.covariance.rho, "stats": self.covariance.stats.to_dict()}
+
+    def prepare(self) -> None:
+        """The key statistics, when key_covariance is on (computed once per base model, then cached)."""
+        super().prepare()
+        self.covariance.prepare(self, inverse=False)
 
     def state_to_log(self) -> dict[str, Tensor | float]:
         # MEND's step sizes, and the learned regularisers: e^λ against KᵀK's scale says whether the
@@ -133,7 +154,9 @@ class MALMENEditor(MENDEditor):
 
     def weight_shifts(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None) -> list[Tensor]:
         """ΔW_ℓ [d_out, d_in] for every inner layer (differentiable w.r.t. networks, η, λ)."""
-        return [solve_shift(g, c, self.log_lambdas[i]) for i, (g, c) in enumerate(self.normal_equations(edit, requests))]
+        sums = self.normal_equations(edit, requests)
+        ridges = self.covariance.covariances(self, sums[0][0]) if self.covariance.enabled else [None] * len(sums)
+        return [solve_shift(g, c, self.log_lambdas[i], r) for i, ((g, c), r) in enumerate(zip(sums, ridges))]
 
     def shifted(self, shifts: Sequence[Tensor]) -> EditedModel:
         """The model with W' = W − ΔW on every inner layer (Conv1D stores W as [d_in, d_out])."""
