@@ -63,6 +63,9 @@ class MALMENEditor(MENDEditor):
             The penalty is then the output change at an average key rather than ‖ΔW‖² (MEMIT's
             trade-off), so neighbours, whose keys share the common directions, move less.
         stats: how C is estimated (metaedit.locate.stats.StatsSpec).
+        lambda_lr: the outer optimizer's learning rate for the log-regularisers λ_ℓ (None: the
+            trainer's). Adam moves a parameter by about its learning rate per step: at the networks'
+            3e-4, λ moved by ±0.02 in 600 steps on SmolLM2 (session 25), i.e. it stayed at lambda_init.
     """
 
     method = "malmen"
@@ -85,12 +88,15 @@ class MALMENEditor(MENDEditor):
         transform_delta: bool = True,
         key_covariance: float | None = None,
         stats: StatsSpec | dict[str, Any] | None = None,
+        lambda_lr: float | None = None,
     ) -> None:
+        if lambda_lr is not None and not lambda_lr > 0:
+            raise MetaEditError(f"{self.method} lambda_lr must be > 0 or null, got {lambda_lr}")
         # edit_contrast / transform_delta act on MEND's capture and networks, which MALMEN reuses.
         super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
                          edit_lr_lr=edit_lr_lr, chunk_size=chunk_size, edit_scale=edit_scale,
                          edit_contrast=edit_contrast, transform_delta=transform_delta)
-        self.lambda_init, self.memory_cap_mb = lambda_init, memory_cap_mb
+        self.lambda_init, self.memory_cap_mb, self.lambda_lr = lambda_init, memory_cap_mb, lambda_lr
         self.log_lambdas = nn.Parameter(torch.full((len(self.inner_params),), float(lambda_init)))
         # The same statistics as MEND's key whitening, used as the solve's regulariser instead.
         self.covariance = KeyWhitening(self.method, model, inner_params, key_covariance, stats, option="key_covariance")
@@ -100,7 +106,14 @@ class MALMENEditor(MENDEditor):
         # least-squares solve over the layer's real keys, whose regulariser may use the statistics.
         mend = {k: v for k, v in super().hparams().items() if k not in ("edit_steps", "key_whitening", "stats")}
         return {**mend, "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb,
-                "key_covariance": self.covariance.rho, "stats": self.covariance.stats.to_dict()}
+                "key_covariance": self.covariance.rho, "stats": self.covariance.stats.to_dict(), "lambda_lr": self.lambda_lr}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        # MEND's groups without λ, and λ in its own (no weight decay: it would pull λ towards 0, i.e.
+        # e^λ towards 1, a value with no meaning here).
+        groups = [{**g, "params": [p for p in g["params"] if p is not self.log_lambdas]} for g in super().param_groups(lr)]
+        return [*groups, {"params": [self.log_lambdas], "lr": lr if self.lambda_lr is None else self.lambda_lr,
+                          "weight_decay": 0.0}]
 
     def prepare(self) -> None:
         """The key statistics, when key_covariance is on (computed once per base model, then cached)."""
