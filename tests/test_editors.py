@@ -238,23 +238,31 @@ def test_mend_subject_rows_refuse_requests_that_do_not_match(make_editor):
         make_editor("mend", "tiny-llama", rows="subjects")
 
 
-def test_mend_step_sizes_get_their_own_learning_rate_and_are_logged(make_editor, make_data):
-    """edit_lr_lr (the reference code's lr_lr) puts η in its own optimizer group without weight decay;
-    Adam then moves η by about that rate per step; η is logged as train/state/edit_lr_*."""
+def assert_own_learning_rate(ed, param, lr: float, make_data):
+    """Train `ed` two steps at lr 1e-5 / weight decay 0.1; assert `param` had its own optimizer group
+    at `lr` without weight decay and every other group the trainer's rate. Returns the trainer."""
     import pytorch_lightning as pl
 
     from metaedit.system import EditorSystem
 
-    ed = make_editor("mend", "tiny-gpt2", edit_lr=1e-3, edit_lr_lr=0.05)
-    start = ed.edit_lrs.detach().clone()
     system = EditorSystem(ed, lr=1e-5, weight_decay=0.1)
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, limit_val_batches=0, inference_mode=False)
     trainer.fit(system, datamodule=make_data(ed.formatter, n_edits=2))
     groups = trainer.optimizers[0].param_groups
-    (steps,) = [g for g in groups if any(p is ed.edit_lrs for p in g["params"])]
-    assert len(steps["params"]) == 1 and steps["lr"] == 0.05 and steps["weight_decay"] == 0.0
-    assert all(g["lr"] == 1e-5 for g in groups if g is not steps)
+    (own,) = [g for g in groups if any(p is param for p in g["params"])]
+    assert len(own["params"]) == 1 and own["lr"] == lr and own["weight_decay"] == 0.0
+    assert all(g["lr"] == 1e-5 for g in groups if g is not own)
+    assert sum(len(g["params"]) for g in groups) == len([p for p in ed.parameters() if p.requires_grad])
+    return trainer
+
+
+def test_mend_step_sizes_get_their_own_learning_rate_and_are_logged(make_editor, make_data):
+    """edit_lr_lr (the reference code's lr_lr) puts η in its own optimizer group without weight decay;
+    Adam then moves η by about that rate per step; η is logged as train/state/edit_lr_*."""
+    ed = make_editor("mend", "tiny-gpt2", edit_lr=1e-3, edit_lr_lr=0.05)
+    start = ed.edit_lrs.detach().clone()
+    trainer = assert_own_learning_rate(ed, ed.edit_lrs, 0.05, make_data)
     assert (ed.edit_lrs.detach() - start).abs().max() > 0.01
     logged = {k[len("train/state/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/state/")}
     assert logged["edit_lr_max"] == pytest.approx(float(ed.edit_lrs.detach().max()), rel=1e-6)

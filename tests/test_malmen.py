@@ -268,19 +268,11 @@ def test_lifelong_loss_includes_the_earlier_edits_of_the_sequence(make_editor, m
 def test_malmen_regularisers_get_their_own_learning_rate(make_editor, make_data):
     """lambda_lr puts λ in its own optimizer group without weight decay, where Adam moves it by about
     that rate per step (at the networks' rate it would not move: session 25's λ stayed within ±0.02)."""
-    import pytorch_lightning as pl
+    from tests.test_editors import assert_own_learning_rate
 
     ed = make_editor("malmen", "tiny-gpt2", edit_lr=1e-3, lambda_lr=0.05)
     start = ed.log_lambdas.detach().clone()
-    system = EditorSystem(ed, lr=1e-5, weight_decay=0.1)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, limit_val_batches=0, inference_mode=False)
-    trainer.fit(system, datamodule=make_data(ed.formatter, n_edits=2))
-    groups = trainer.optimizers[0].param_groups
-    (lams,) = [g for g in groups if any(p is ed.log_lambdas for p in g["params"])]
-    assert len(lams["params"]) == 1 and lams["lr"] == 0.05 and lams["weight_decay"] == 0.0
-    assert all(g["lr"] == 1e-5 for g in groups if g is not lams)
-    assert sum(len(g["params"]) for g in groups) == len([p for p in ed.parameters() if p.requires_grad])
+    assert_own_learning_rate(ed, ed.log_lambdas, 0.05, make_data)
     assert (ed.log_lambdas.detach() - start).abs().max() > 0.01
     with pytest.raises(MetaEditError, match="lambda_lr must be > 0"):
         make_editor("malmen", "tiny-gpt2", lambda_lr=0.0)
