@@ -11,7 +11,7 @@ import torch
 from metaedit.editors.io import build_editor, load_editor, save_editor
 from metaedit.editors.malmen import solve_shift
 from metaedit.functional import forward_logits
-from metaedit.losses import nll
+from metaedit.losses import exact_correct, nll
 from metaedit.system import EditorSystem
 from metaedit.types import MetaEditError
 from tests.conftest import run_cli
@@ -163,6 +163,38 @@ def test_each_edits_key_gets_the_change_mends_own_step_makes_there(make_editor):
             assert (u @ pseudo.T - mend_change).norm() > 0.1 * mend_change.norm()
             checked += 1
         assert checked > 0
+
+def test_further_solves_read_the_edited_model_and_lower_the_edit_loss(make_editor):
+    """edit_steps=3 at edit time: a further solve reads keys and gradients on the model the earlier
+    solve edited (W'' = W' − ΔW(W')), so the edits' loss falls below one solve's; solving stops once
+    every edit lands; training keeps one solve (what meta-training learns)."""
+    ed = make_editor("malmen", "tiny-gpt2", edit_steps=3)
+    reqs = requests(3)
+    batch = ed.formatter.batch(*zip(*reqs))
+    ed.train()
+    ed.transform(ed.capture(batch))  # running statistics; the networks stay at their initial (identity) map,
+    ed.eval()                        # so each solve's value shifts are gradient-descent steps
+    with torch.no_grad():
+        ed.edit_lrs.fill_(3e-3)  # steps too small to land every edit at once
+        one = ed.shifted(ed.weight_shifts(batch, []))
+        two = ed.shifted([a + b for a, b in zip(ed.weight_shifts(batch, []), ed.weight_shifts(batch, [], one.params))])
+        three = ed.apply_edits(batch, [])
+        losses = [float(nll(forward_logits(ed.model, batch, m.params), batch.targets)) for m in (one, two, three)]
+        base = float(nll(forward_logits(ed.model, batch), batch.targets))
+    assert base > losses[0] > 10 * losses[1], (base, losses)
+    # Two solves landed every edit (greedy answers are the targets), so the third solve is not made.
+    assert bool(exact_correct(forward_logits(ed.model, batch, two.params), batch.targets).all())
+    for name, w in two.params.items():
+        torch.testing.assert_close(three.params[name], w)
+    solves = []
+    shifts = ed.weight_shifts
+    ed.weight_shifts = lambda *a: solves.append(a) or shifts(*a)
+    ed.train()
+    with torch.no_grad():
+        ed.apply_edits(batch, [])
+    ed.eval()
+    assert len(solves) == 1
+
 
 def test_decoupled_training_gradient_equals_the_direct_one(make_editor):
     ed = make_editor("malmen", "tiny-gpt2", chunk_size=64)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from metaedit.editors.mend.editor import RowsMode
 from metaedit.editors.whitening import KeyWhitening
 from metaedit.functional import EditedModel
 from metaedit.locate.stats import StatsSpec
+from metaedit.losses import exact_correct
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
 
@@ -66,6 +67,9 @@ class MALMENEditor(MENDEditor):
         lambda_lr: the outer optimizer's learning rate for the log-regularisers λ_ℓ (None: the
             trainer's). Adam moves a parameter by about its learning rate per step: at the networks'
             3e-4, λ moved by ±0.02 in 600 steps on SmolLM2 (session 25), i.e. it stayed at lambda_init.
+        edit_steps: solves per edit at edit time (training learns one): each further solve reads every
+            edit's key and gradient on the model the earlier ones edited; it stops once every edit's
+            target is the greedy answer.
     """
 
     method = "malmen"
@@ -89,22 +93,23 @@ class MALMENEditor(MENDEditor):
         key_covariance: float | None = None,
         stats: StatsSpec | dict[str, Any] | None = None,
         lambda_lr: float | None = None,
+        edit_steps: int = 1,
     ) -> None:
         if lambda_lr is not None and not lambda_lr > 0:
             raise MetaEditError(f"{self.method} lambda_lr must be > 0 or null, got {lambda_lr}")
         # edit_contrast / transform_delta act on MEND's capture and networks, which MALMEN reuses.
         super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
                          edit_lr_lr=edit_lr_lr, chunk_size=chunk_size, edit_scale=edit_scale,
-                         edit_contrast=edit_contrast, transform_delta=transform_delta)
+                         edit_steps=edit_steps, edit_contrast=edit_contrast, transform_delta=transform_delta)
         self.lambda_init, self.memory_cap_mb, self.lambda_lr = lambda_init, memory_cap_mb, lambda_lr
         self.log_lambdas = nn.Parameter(torch.full((len(self.inner_params),), float(lambda_init)))
         # The same statistics as MEND's key whitening, used as the solve's regulariser instead.
         self.covariance = KeyWhitening(self.method, model, inner_params, key_covariance, stats, option="key_covariance")
 
     def hparams(self) -> dict[str, Any]:
-        # MEND's edit_steps and key_whitening (with its stats) are not MALMEN's: its update is one
-        # least-squares solve over the layer's real keys, whose regulariser may use the statistics.
-        mend = {k: v for k, v in super().hparams().items() if k not in ("edit_steps", "key_whitening", "stats")}
+        # MEND's key_whitening (with its stats) is not MALMEN's: its update is a least-squares solve
+        # over the layer's real keys, whose regulariser may use the statistics.
+        mend = {k: v for k, v in super().hparams().items() if k not in ("key_whitening", "stats")}
         return {**mend, "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb,
                 "key_covariance": self.covariance.rho, "stats": self.covariance.stats.to_dict(), "lambda_lr": self.lambda_lr}
 
@@ -141,13 +146,15 @@ class MALMENEditor(MENDEditor):
                 + (" or the edits per training step (data.n_edits)" if torch.is_grad_enabled() else ""))
         return total
 
-    def normal_equations(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None) -> list[tuple[Tensor, Tensor]]:
-        """(KᵀK, DᵀK) per inner layer, summed over chunks of `chunk_size` edits."""
+    def normal_equations(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
+                         params: Mapping[str, Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
+        """(KᵀK, DᵀK) per inner layer, summed over chunks of `chunk_size` edits; keys and gradients are
+        read on the model with `params` (None: the base)."""
         sums: list[tuple[Tensor, Tensor] | None] = [None] * len(self.inner_params)
         held = 0.0
         for part, part_requests in self.chunks(edit, requests):
             try:
-                rows = self.capture(part, part_requests)
+                rows = self.capture(part, part_requests, params)
                 held = self._check_memory(rows, held)
                 pairs = self.transform(rows)
                 for i, ((k, _), (k_tilde, d_tilde)) in enumerate(zip(rows, pairs)):
@@ -165,23 +172,35 @@ class MALMENEditor(MENDEditor):
                     f"method.editor.chunk_size{' or data.n_edits' if torch.is_grad_enabled() else ''} ({e})") from None
         return [s for s in sums if s is not None]
 
-    def weight_shifts(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None) -> list[Tensor]:
+    def weight_shifts(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
+                      params: Mapping[str, Tensor] | None = None) -> list[Tensor]:
         """ΔW_ℓ [d_out, d_in] for every inner layer (differentiable w.r.t. networks, η, λ)."""
-        sums = self.normal_equations(edit, requests)
+        sums = self.normal_equations(edit, requests, params)
         ridges = self.covariance.covariances(self, sums[0][0]) if self.covariance.enabled else [None] * len(sums)
         return [solve_shift(g, c, self.log_lambdas[i], r) for i, ((g, c), r) in enumerate(zip(sums, ridges))]
 
-    def shifted(self, shifts: Sequence[Tensor]) -> EditedModel:
-        """The model with W' = W − ΔW on every inner layer (Conv1D stores W as [d_in, d_out])."""
+    def shifted(self, shifts: Sequence[Tensor], start: Mapping[str, Tensor] | None = None) -> EditedModel:
+        """The model with W' = W − ΔW on every inner layer, W the base's weights or `start`'s (Conv1D
+        stores W as [d_in, d_out])."""
         params = {}
         for p, shift in zip(self.inner_params, shifts):
-            w = self.model.get_parameter(p.name)
+            w = self.model.get_parameter(p.name) if start is None else start[p.name]
             shift = shift.to(w.dtype)
             params[p.name] = w - (shift.T if p.transposed else shift)
         return EditedModel(self.model, params)
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
-        return self.shifted(self.weight_shifts(edit, requests))
+        # Meta-training learns one solve. edit_steps > 1 (an edit-time choice, as MEND's) solves again
+        # on the edited model: every edit's key and gradient are read anew there, so an edit that
+        # landed (small gradient, small value shift) holds its fit while the others get another shift
+        # — MEMIT's value shifts are ~15 such steps on one layer, MALMEN's one.
+        edited = self.shifted(self.weight_shifts(edit, requests))
+        for _ in range(1, 1 if self.training else self.edit_steps):
+            with torch.no_grad():
+                if exact_correct(edited.logits(edit), edit.targets).all():
+                    break
+            edited = self.shifted(self.weight_shifts(edit, requests, edited.params), edited.params)
+        return edited
 
     # ---- decoupled meta-training ----------------------------------------------------------------
     def training_loss_and_backward(
