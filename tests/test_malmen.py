@@ -10,6 +10,7 @@ import torch
 
 from metaedit.editors.io import build_editor, load_editor, save_editor
 from metaedit.editors.malmen import solve_shift
+from metaedit.editors.malmen.editor import normal_terms
 from metaedit.functional import forward_logits
 from metaedit.losses import exact_correct, nll
 from metaedit.system import EditorSystem
@@ -40,6 +41,30 @@ def test_solve_with_a_ridge_matrix_is_the_closed_form_and_tends_to_the_whitened_
     big = torch.tensor(25.0, dtype=torch.float64)  # e^λ ΔW → Dᵀ K R⁻¹
     torch.testing.assert_close(big.exp() * solve_shift(k.T @ k, d.T @ k, big, r), d.T @ k @ torch.linalg.inv(r),
                                atol=1e-6, rtol=1e-6)
+
+
+def test_the_solve_stays_float32_under_bf16_autocast(make_editor):
+    """trainer.precision=bf16-mixed (auto where the hardware has native bf16) runs training and
+    validation under bf16 autocast; KᵀK in bf16 loses the small eigenvalues the solve divides by.
+    Keys with one shared direction, as a template's keys have: the solve under autocast must match
+    the float64 closed form, and the editor's own sums must come out float32."""
+    g = torch.Generator().manual_seed(2)
+    k = 0.3 * torch.randn(400, 96, generator=g) + 2.0 * torch.randn(96, generator=g)
+    d = 1e-2 * torch.randn(400, 32, generator=g)
+    lam = torch.tensor(0.0)
+    k64, d64 = k.double(), d.double()
+    expected = d64.T @ k64 @ torch.linalg.inv(k64.T @ k64 + torch.eye(96, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gram, cross = normal_terms(k, d)
+        shift = solve_shift(gram, cross, lam)
+    assert gram.dtype == cross.dtype == shift.dtype == torch.float32
+    assert (shift.double() - expected).norm() < 1e-3 * expected.norm()
+    ed = make_editor("malmen", "tiny-llama")
+    batch = ed.formatter.batch(*zip(*requests(3)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sums, shifts = ed.normal_equations(batch), ed.weight_shifts(batch)
+    assert all(gm.dtype == cr.dtype == torch.float32 for gm, cr in sums)
+    assert all(s.dtype == torch.float32 for s in shifts)
 
 
 def test_key_covariance_regularises_the_solve_with_the_keys_second_moment(tiny, tmp_path):

@@ -30,8 +30,32 @@ def solve_shift(gram: Tensor, cross: Tensor, log_lambda: Tensor, ridge: Tensor |
     With R the keys' second moment over generic text (MEMIT's C), the penalty tr(ΔW C ΔWᵀ) = E‖ΔW k‖²
     is the output change at an average key: the shift avoids what every text's keys use.
     """
-    reg = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) if ridge is None else ridge.to(gram.dtype)
-    return torch.linalg.solve(gram + log_lambda.exp().to(gram.dtype) * reg, cross.T).T
+    with torch.autocast(gram.device.type, enabled=False):  # see normal_terms: never a bf16 solve
+        dtype = _solve_dtype(gram.dtype, cross.dtype)
+        gram, cross = gram.to(dtype), cross.to(dtype)
+        reg = torch.eye(gram.shape[0], dtype=dtype, device=gram.device) if ridge is None else ridge.to(dtype)
+        return torch.linalg.solve(gram + log_lambda.exp().to(dtype) * reg, cross.T).T
+
+
+def _solve_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32, or float64 where an input is (exact checks): never below float32."""
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def normal_terms(k: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """(KᵀK, DᵀK) from keys k [rows, d_in] and value shifts d [rows, d_out], in float32 at least and
+    outside autocast. Under bf16 autocast (trainer.precision=bf16-mixed, chosen where the CPU or GPU
+    computes bf16 natively) the products would be bf16, whose 8-bit mantissa loses the small
+    eigenvalues of KᵀK that the solve divides by: on keys with one shared direction (400 × 1536) the
+    solved ΔW was off the float64 one by 26 times its norm (session 42), and training learned against
+    that noise."""
+    with torch.autocast(k.device.type, enabled=False):
+        dtype = _solve_dtype(k.dtype, d.dtype)
+        k, d = k.to(dtype), d.to(dtype)
+        return k.T @ k, d.T @ k
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -161,7 +185,7 @@ class MALMENEditor(MENDEditor):
                     # The keys are the layer's real inputs u (it is at u that W' is read), the value
                     # shifts d = η (u·ũ) δ̃: the change MEND's rank-1 step η δ̃ ũᵀ makes at its own key.
                     d = (self.step_size(i) * (k * k_tilde).sum(-1, keepdim=True)) * d_tilde  # rows × d_out
-                    gram, cross = k.T @ k, d.T @ k
+                    gram, cross = normal_terms(k, d)
                     prev = sums[i]
                     sums[i] = (gram, cross) if prev is None else (prev[0] + gram, prev[1] + cross)
             except (torch.OutOfMemoryError, RuntimeError) as e:
