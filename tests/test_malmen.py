@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -333,3 +334,102 @@ def test_malmen_regularisers_get_their_own_learning_rate(make_editor, make_data)
     assert (ed.log_lambdas.detach() - start).abs().max() > 0.01
     with pytest.raises(MetaEditError, match="lambda_lr must be > 0"):
         make_editor("malmen", "tiny-gpt2", lambda_lr=0.0)
+
+
+def _fact_records(subjects: list[str]) -> list[dict]:
+    from tests.test_editors import WORLD
+
+    out = []
+    for s in subjects:
+        true = WORLD.facts[(s, "capital")]
+        new = next(o for o in WORLD.objects["capital"] if o != true)
+        out.append({"case_id": f"capital:{s}", "subject": s, "prompt": f"The capital of {s} is", "target_new": new,
+                    "target_true": true, "rephrases": [f"{s}'s capital is"],
+                    "locality": [{"prompt": f"The capital city of {s} is", "answer": true}]})
+    return out
+
+
+def test_preserved_facts_are_fitted_to_a_zero_shift_and_never_the_edited_subjects(make_editor, tiny, tmp_path):
+    """preserve: the solve adds μ K_PᵀK_P, K_P the answer-position keys of the training facts nearest
+    each edit row (top_k per row, each once); a fact that names an edited subject is never one of
+    them (its key at "The capital of X is" *is* the edit's key); with a large μ the shift leaves the
+    preserved keys' outputs (nearly) unchanged while it still moves the edits'; the setting
+    survives a save/load."""
+    from tests.test_editors import TEST_SUBJECTS, WORLD
+
+    train_subjects = [s for s in WORLD.subjects if WORLD.split_of[s] == "train"][:12]
+    data = tmp_path / "data"
+    data.mkdir()
+    # The first test subject's own fact is in the bank: it must be excluded when that subject is edited.
+    (data / "train.json").write_text(json.dumps(_fact_records(train_subjects + TEST_SUBJECTS[:1])))
+    from metaedit.types import EditRequest
+
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(2))]
+    spec = {"data": str(data), "weight": 1.0, "top_k": 3, "max_facts": None}
+    ed = make_editor("malmen", "tiny-llama", rows="target", preserve=spec)
+    ed.cache_dir = str(tmp_path / "cache")  # the bank's cache
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    _non_trivial(ed, batch, reqs)
+    bank = ed.preserve
+
+    def unpreserved(fn, *args):  # the same editor's sums / shifts without the preserved keys
+        kept, bank.spec = bank.spec, None
+        try:
+            return fn(*args)
+        finally:
+            bank.spec = kept
+
+    with torch.no_grad():
+        ed.log_lambdas.fill_(-4.0)
+        bank.prepare(ed)
+        n_answer_tokens = sum(len(ed.formatter.target_ids(f.answer)) for f in bank.facts)
+        assert all(k.shape[0] == n_answer_tokens for k in bank._keys)  # one key per answer-predicting row
+        own = [j for j, f in enumerate(bank.facts) if TEST_SUBJECTS[0] in f.prompt]
+        assert own, "the edited subject's own facts are in the bank"
+        excluded = bank.excluded_rows([r.subject for r in reqs], batch.prompts)
+        assert excluded.any() and bool((bank._fact_of_row[excluded].unsqueeze(-1) == torch.tensor(own)).any(-1).all())
+        k = ed.capture(batch, reqs)[0][0]
+        none = torch.zeros_like(excluded)
+        # Unexcluded, the edit's own prompt finds its own fact first (the same prefix: the same key).
+        first = bank._fact_of_row[bank.nearest(0, k[:1], none)[0]]
+        assert bank.facts[int(first)].prompt == reqs[0].prompt
+        picked = bank._fact_of_row[bank.nearest(0, k, excluded)]
+        assert not any(TEST_SUBJECTS[0] in bank.facts[int(j)].prompt for j in picked)
+        # The normal equations: KᵀK + μ K_PᵀK_P, the same DᵀK.
+        with_p, without = ed.normal_equations(batch, reqs), unpreserved(ed.normal_equations, batch, reqs)
+        for i, ((g1, c1), (g0, c0)) in enumerate(zip(with_p, without)):
+            ki = ed.capture(batch, reqs)[i][0]
+            rows = torch.cat([bank.nearest(i, ki[j : j + 1], excluded) for j in range(ki.shape[0])]).unique()
+            kp = bank._keys[i][rows]
+            torch.testing.assert_close(g1, g0 + kp.T @ kp, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(c1, c0)
+        # A large μ: the preserved keys' outputs barely move, the edits' still do.
+        ed.preserve.spec = dataclasses.replace(ed.preserve.spec, weight=1e4)
+        i = len(ed.inner_params) - 1
+        ki = ed.capture(batch, reqs)[i][0]
+        kp = bank._keys[i][bank.nearest(i, ki, excluded).unique()]
+        shift, shift0 = ed.weight_shifts(batch, reqs)[i], unpreserved(ed.weight_shifts, batch, reqs)[i]
+        assert (kp @ shift.T).norm() < 0.05 * (kp @ shift0.T).norm()
+        assert (ki @ shift.T).norm() > 0.2 * (ki @ shift0.T).norm()
+        # Under bf16 autocast (bf16-mixed training) the preserved term stays a float32 product.
+        rows = torch.arange(bank._keys[i].shape[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = bank.gram(i, rows)
+        torch.testing.assert_close(auto, bank.gram(i, rows), rtol=0, atol=0)
+    saved = save_editor(ed, tmp_path / "ed")
+    model, tok, _ = tiny("tiny-llama")
+    loaded = load_editor(saved, model=model, tokenizer=tok, cache_dir=tmp_path / "cache")
+    assert loaded.preserve.spec is not None and loaded.preserve.spec.top_k == 3
+    assert list((tmp_path / "cache" / "preserve").glob("bank.*.safetensors"))  # read once, then cached
+
+
+def test_preserve_refuses_a_bad_setting(make_editor, tmp_path):
+    with pytest.raises(MetaEditError, match="preserve.weight"):
+        make_editor("malmen", "tiny-llama", preserve={"data": str(tmp_path), "weight": 0})
+    with pytest.raises(MetaEditError, match="preserve: .*fields"):
+        make_editor("malmen", "tiny-llama", preserve={"data": str(tmp_path), "wieght": 1})
+    with pytest.raises(MetaEditError, match="preserve needs rows=target"):
+        make_editor("malmen", "tiny-llama", rows="subject_last", preserve={"data": str(tmp_path)})
+    ed = make_editor("malmen", "tiny-llama", preserve={"data": str(tmp_path / "none")})
+    with pytest.raises(MetaEditError, match="no train.json"):
+        ed.prepare()

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from metaedit.editors.malmen.preserve import PreservedKeys, PreserveSpec
 from metaedit.editors.mend import MENDEditor
 from metaedit.editors.mend.editor import RowsMode
 from metaedit.editors.whitening import KeyWhitening
@@ -94,6 +95,9 @@ class MALMENEditor(MENDEditor):
         edit_steps: solves per edit at edit time (training learns one): each further solve reads every
             edit's key and gradient on the model the earlier ones edited; it stops once every edit's
             target is the greedy answer.
+        preserve: None, or where preserved facts come from (metaedit.editors.malmen.preserve): the
+            solve also fits the keys of the training split's true facts nearest each edit's keys to
+            a zero shift, with weight μ, so that what it writes for one subject spares its neighbours.
     """
 
     method = "malmen"
@@ -118,6 +122,7 @@ class MALMENEditor(MENDEditor):
         stats: StatsSpec | dict[str, Any] | None = None,
         lambda_lr: float | None = None,
         edit_steps: int = 1,
+        preserve: PreserveSpec | dict[str, Any] | None = None,
     ) -> None:
         if lambda_lr is not None and not lambda_lr > 0:
             raise MetaEditError(f"{self.method} lambda_lr must be > 0 or null, got {lambda_lr}")
@@ -129,13 +134,19 @@ class MALMENEditor(MENDEditor):
         self.log_lambdas = nn.Parameter(torch.full((len(self.inner_params),), float(lambda_init)))
         # The same statistics as MEND's key whitening, used as the solve's regulariser instead.
         self.covariance = KeyWhitening(self.method, model, inner_params, key_covariance, stats, option="key_covariance")
+        self.preserve = PreservedKeys(model, self.inner_params, preserve)
+        if self.preserve.enabled and rows not in ("target", "nonpad"):
+            # The bank holds answer-position keys: a subject row's key is not comparable to them.
+            raise MetaEditError(f"{self.method} preserve needs rows=target or rows=nonpad (the bank's keys are "
+                                f"the answer positions'), got rows={rows!r}")
 
     def hparams(self) -> dict[str, Any]:
         # MEND's key_whitening (with its stats) is not MALMEN's: its update is a least-squares solve
         # over the layer's real keys, whose regulariser may use the statistics.
         mend = {k: v for k, v in super().hparams().items() if k not in ("key_whitening", "stats")}
         return {**mend, "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb,
-                "key_covariance": self.covariance.rho, "stats": self.covariance.stats.to_dict(), "lambda_lr": self.lambda_lr}
+                "key_covariance": self.covariance.rho, "stats": self.covariance.stats.to_dict(), "lambda_lr": self.lambda_lr,
+                "preserve": None if self.preserve.spec is None else self.preserve.spec.to_dict()}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         # MEND's groups without λ, and λ in its own (no weight decay: it would pull λ towards 0, i.e.
@@ -145,9 +156,11 @@ class MALMENEditor(MENDEditor):
                           "weight_decay": 0.0}]
 
     def prepare(self) -> None:
-        """The key statistics, when key_covariance is on (computed once per base model, then cached)."""
+        """The key statistics, when key_covariance is on (computed once per base model, then cached),
+        and the preserved facts' keys, when preserve is on (read once per model and data, then cached)."""
         super().prepare()
         self.covariance.prepare(self, inverse=False)
+        self.preserve.prepare(self)
 
     def state_to_log(self) -> dict[str, Tensor | float]:
         # MEND's step sizes, and the learned regularisers: e^λ against KᵀK's scale says whether the
@@ -171,15 +184,26 @@ class MALMENEditor(MENDEditor):
         return total
 
     def normal_equations(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
-                         params: Mapping[str, Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
+                         params: Mapping[str, Tensor] | None = None,
+                         avoid: Sequence[str] = ()) -> list[tuple[Tensor, Tensor]]:
         """(KᵀK, DᵀK) per inner layer, summed over chunks of `chunk_size` edits; keys and gradients are
-        read on the model with `params` (None: the base)."""
+        read on the model with `params` (None: the base). With `preserve`, KᵀK + μ K_PᵀK_P: the
+        preserved facts' keys nearest the edits' (never facts that name an edited subject or whose
+        prompt is in `avoid`)."""
         sums: list[tuple[Tensor, Tensor] | None] = [None] * len(self.inner_params)
         held = 0.0
+        preserved: list[list[Tensor]] = [[] for _ in self.inner_params]
+        if self.preserve.enabled:
+            self.preserve.prepare(self)
+            excluded = self.preserve.excluded_rows([r.subject for r in requests or ()],
+                                                   [*(edit.prompts or ()), *avoid])
         for part, part_requests in self.chunks(edit, requests):
             try:
                 rows = self.capture(part, part_requests, params)
                 held = self._check_memory(rows, held)
+                if self.preserve.enabled:
+                    for i, (k, _) in enumerate(rows):
+                        preserved[i].append(self.preserve.nearest(i, k, excluded))
                 pairs = self.transform(rows)
                 for i, ((k, _), (k_tilde, d_tilde)) in enumerate(zip(rows, pairs)):
                     # The keys are the layer's real inputs u (it is at u that W' is read), the value
@@ -194,12 +218,16 @@ class MALMENEditor(MENDEditor):
                 raise MetaEditError(
                     f"malmen ran out of memory on a chunk of {self.chunk_size} edits; lower "
                     f"method.editor.chunk_size{' or data.n_edits' if torch.is_grad_enabled() else ''} ({e})") from None
+        if self.preserve.enabled:
+            sums = [s if s is None or not preserved[i] else
+                    (s[0] + self.preserve.gram(i, torch.cat(preserved[i])).to(s[0].dtype), s[1])
+                    for i, s in enumerate(sums)]
         return [s for s in sums if s is not None]
 
     def weight_shifts(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
-                      params: Mapping[str, Tensor] | None = None) -> list[Tensor]:
+                      params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = ()) -> list[Tensor]:
         """ΔW_ℓ [d_out, d_in] for every inner layer (differentiable w.r.t. networks, η, λ)."""
-        sums = self.normal_equations(edit, requests, params)
+        sums = self.normal_equations(edit, requests, params, avoid)
         ridges = self.covariance.covariances(self, sums[0][0]) if self.covariance.enabled else [None] * len(sums)
         return [solve_shift(g, c, self.log_lambdas[i], r) for i, ((g, c), r) in enumerate(zip(sums, ridges))]
 
@@ -235,7 +263,8 @@ class MALMENEditor(MENDEditor):
     ) -> dict[str, Tensor]:
         # (1) ΔW with a graph into the networks only: the base ran forward/backward per chunk to give
         #     the constants (u, δ); no graph through it is kept.
-        shifts = self.weight_shifts(batch.edit, batch.requests)
+        # The prompts the outer loss scores are never preserved (they stand for unseen neighbours).
+        shifts = self.weight_shifts(batch.edit, batch.requests, avoid=[*batch.inscope_prompts, *batch.loc_prompts])
         # (2) The outer loss on W − ΔW with ΔW a leaf: each chunk's base graph ends at the leaf and is
         #     freed by its backward, so only one chunk's activations live at a time. Chunks are
         #     weighted by their share of the edits (their losses are means over their own tokens).

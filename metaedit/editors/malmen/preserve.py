@@ -1,0 +1,219 @@
+"""Preserved keys for MALMEN's solve: the keys of known true facts near the edits, fitted to a zero shift.
+
+MALMEN's solve fits every edit's key to its value shift and keeps the rest of the weight by a ridge
+penalty (e^λ I, or the keys' second moment C with key_covariance). Neither says which *other* inputs
+must not move. At the answer position the keys of "<X> is a city in the US state of" differ little
+between cities, so the shift written for one city's key reaches its neighbours' (session 42: ns 0.38
+against 0.75 unedited, worst on relations whose prompts share one template). Here the solve also fits
+keys of true facts to a zero shift, as AlphaEdit keeps preserved knowledge and MEMIT its C, but only
+the facts nearest the edits, so that the solve spends its freedom on the directions that separate an
+edit's subject from its neighbours:
+
+    min ‖K ΔWᵀ − D‖² + μ‖K_P ΔWᵀ‖² + e^λ tr(ΔW R ΔWᵀ)   →   ΔWᵀ = (KᵀK + μ K_PᵀK_P + e^λ R)⁻¹ KᵀD
+
+K_P: for every edit row and inner layer, the `top_k` bank keys of that layer nearest by cosine, once
+each. The bank is the answer-position keys (the rows a `rows=target` edit uses: the prompt's last
+token through the answer's second-to-last) of the facts a built dataset's *training* split states
+(edit prompts and rephrases with their true objects, neighbourhood prompts with their answers), read
+on the base model. A fact that names an edited subject, or whose prompt is one of the batch's own
+prompts, is left out: it is the fact being changed, or (in training) a prompt the outer loss scores,
+which the solve must not be shown — at test time the neighbours it is scored on are unseen too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from metaedit.data.readers import training_records
+from metaedit.functional import forward_logits
+from metaedit.hooks import capture_layer_io, forward_stops_after
+from metaedit.models.fingerprint import fingerprint
+from metaedit.models.inner_params import InnerParam
+from metaedit.progress import Progress
+from metaedit.types import MetaEditError
+from metaedit.utils import file_lock, save_tensors
+
+if TYPE_CHECKING:
+    from metaedit.editors.base import Editor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreserveSpec:
+    """Where the preserved facts come from and how much they weigh (MALMEN's `preserve` option).
+
+    data: a built dataset directory; only its train.json is read.
+    weight: μ, each preserved key's weight against an edit row's (both are fitted in one least squares).
+    top_k: bank keys kept per edit row and layer (the nearest by cosine; the union over the batch).
+    max_facts: facts read into the bank (a seeded sample when the split states more). Reading costs
+        one forward per fact (~4000 facts a minute per thread on SmolLM2-135M); the bank is cached.
+    """
+
+    data: str
+    weight: float = 1.0
+    top_k: int = 8
+    max_facts: int | None = 4000
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise MetaEditError(f"malmen preserve.weight must be > 0, got {self.weight}")
+        if self.top_k < 1:
+            raise MetaEditError(f"malmen preserve.top_k must be >= 1, got {self.top_k}")
+        if self.max_facts is not None and self.max_facts < 1:
+            raise MetaEditError(f"malmen preserve.max_facts must be >= 1 or null, got {self.max_facts}")
+
+    @classmethod
+    def coerce(cls, value: PreserveSpec | dict[str, Any] | None) -> PreserveSpec | None:
+        if value is None or isinstance(value, PreserveSpec):
+            return value
+        try:
+            return cls(**dict(value))
+        except TypeError as e:
+            raise MetaEditError(f"malmen preserve: {e} (fields: data, weight, top_k, max_facts, seed, batch_size)") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Fact:
+    prompt: str
+    answer: str
+    subject: str | None
+
+
+def training_facts(data_dir: str, max_facts: int | None = None, seed: int = 0) -> list[Fact]:
+    """The true facts a built dataset's training split states, deduplicated by prompt, in a seeded order."""
+    facts: dict[str, Fact] = {}
+    for r in training_records(data_dir):
+        if r.get("target_true"):
+            for p in (r["prompt"], *r.get("rephrases", [])):
+                facts.setdefault(p, Fact(p, r["target_true"], r.get("subject") or None))
+        for x in r.get("locality", []):
+            if x.get("answer"):
+                facts.setdefault(x["prompt"], Fact(x["prompt"], x["answer"], None))
+    out = sorted(facts.values(), key=lambda f: f.prompt)
+    random.Random(seed).shuffle(out)
+    if not out:
+        raise MetaEditError(f"malmen preserve.data {data_dir}: its training split states no fact with a true answer")
+    return out[:max_facts] if max_facts is not None else out
+
+
+class PreservedKeys:
+    """The bank (built on first use, kept in memory: it is derived from the base model and the data)
+    and the selection of preserved keys for a batch of edits."""
+
+    def __init__(self, model: Any, inner_params: Sequence[InnerParam], spec: PreserveSpec | dict[str, Any] | None) -> None:
+        self.model, self.inner_params = model, list(inner_params)
+        self.spec = PreserveSpec.coerce(spec)
+        self.facts: list[Fact] = []
+        self._keys: list[Tensor] | None = None  # per inner layer: [bank rows, d_in] float32
+        self._units: list[Tensor] | None = None  # the same rows scaled to unit norm (cosine retrieval)
+        self._fact_of_row: Tensor | None = None  # [bank rows] index into self.facts
+
+    @property
+    def enabled(self) -> bool:
+        return self.spec is not None
+
+    def prepare(self, editor: Editor) -> None:
+        """Read the bank: from the cache when this model, data and spec made one, else one forward per
+        fact (stopped after the deepest inner layer), then cached under the editor's cache_root."""
+        if self.spec is None or self._keys is not None:
+            return
+        if editor.formatter is None:
+            raise MetaEditError("malmen preserve needs the tokenizer (the bank reads fact prompts); load the editor with one")
+        self.facts = training_facts(self.spec.data, self.spec.max_facts, self.spec.seed)
+        names = [p.module_name for p in self.inner_params]
+        digest = hashlib.sha256(json.dumps({
+            "facts": [(f.prompt, f.answer) for f in self.facts], "modules": names,
+            "model": fingerprint(self.model)}).encode()).hexdigest()[:16]
+        path = editor.cache_root / "preserve" / f"bank.{digest}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(path.with_suffix(".lock")):
+            if path.is_file():
+                saved = load_file(str(path))
+                keys, owners = [saved[f"keys.{i}"] for i in range(len(names))], saved["owner"]
+                log.info("malmen preserve bank: %d keys of %d training facts from %s", owners.numel(), len(self.facts), path)
+            else:
+                keys, owners = self._read(editor)
+                save_tensors({**{f"keys.{i}": k.contiguous() for i, k in enumerate(keys)}, "owner": owners}, path)
+        self._keys = [k.to(editor.device) for k in keys]
+        self._units = [k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12) for k in self._keys]
+        self._fact_of_row = owners.to(editor.device)
+
+    @torch.no_grad()
+    def _read(self, editor: Editor) -> tuple[list[Tensor], Tensor]:
+        """Every fact's answer-position keys per inner layer (float32, CPU) and each key's fact index."""
+        assert self.spec is not None and editor.formatter is not None
+        t0 = time.perf_counter()
+        modules = {p.module_name: self.model.get_submodule(p.module_name) for p in self.inner_params}
+        order = {name: j for j, (name, _) in enumerate(self.model.named_modules())}
+        deepest = modules[max(modules, key=order.__getitem__)]
+        keys: list[list[Tensor]] = [[] for _ in self.inner_params]
+        owners: list[Tensor] = []
+        progress = Progress(len(self.facts), unit="fact", noun="facts read")
+        step = self.spec.batch_size
+        for start in range(0, len(self.facts), step):
+            part = self.facts[start : start + step]
+            batch = editor.formatter.batch([f.prompt for f in part], [f.answer for f in part]).to(editor.device)
+            # The hooks record the inner layers' inputs; nothing after the deepest one is needed.
+            with capture_layer_io(modules) as io, forward_stops_after(deepest):
+                forward_logits(self.model, batch)
+            rows = batch.targets != -100  # the answer-predicting positions
+            owner = torch.arange(start, start + len(part), device=rows.device)[:, None].expand_as(rows)[rows]
+            owners.append(owner.cpu())
+            for i, p in enumerate(self.inner_params):
+                keys[i].append(io[p.module_name][0][rows].float().cpu())
+            if (start // step) % 10 == 0 or start + step >= len(self.facts):
+                log.info("malmen preserve bank: %s", progress.line(min(start + step, len(self.facts))))
+        log.info("malmen preserve bank: %d keys of %d training facts per layer, read in %.1f s",
+                 sum(len(o) for o in owners), len(self.facts), time.perf_counter() - t0)
+        return [torch.cat(k) for k in keys], torch.cat(owners)
+
+    def excluded_rows(self, subjects: Iterable[str | None], prompts: Iterable[str]) -> Tensor:
+        """Bank rows of facts that name one of `subjects` or whose prompt is one of `prompts`."""
+        assert self._fact_of_row is not None
+        names = [s for s in set(subjects) if s]
+        texts = set(prompts)
+        bad = [j for j, f in enumerate(self.facts)
+               if f.prompt in texts or (f.subject is not None and f.subject in names)
+               or any(s in f.prompt for s in names)]
+        mask = torch.zeros(len(self.facts), dtype=torch.bool)
+        mask[bad] = True
+        return mask.to(self._fact_of_row.device)[self._fact_of_row]
+
+    def nearest(self, i: int, k: Tensor, excluded: Tensor) -> Tensor:
+        """Indices of the bank rows of inner layer i nearest (cosine) to each row of keys k, `top_k` each."""
+        assert self._units is not None and self.spec is not None
+        units = self._units[i]
+        q = k.detach().to(units.dtype)
+        with torch.autocast(units.device.type, enabled=False):  # float32 similarities, as the bank
+            sims = (q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ units.T
+        sims[:, excluded] = -float("inf")
+        kept = min(self.spec.top_k, int((~excluded).sum()))
+        if kept == 0:
+            return torch.zeros(0, dtype=torch.long, device=units.device)
+        return sims.topk(kept, dim=-1).indices.reshape(-1)
+
+    def gram(self, i: int, rows: Tensor) -> Tensor:
+        """μ K_PᵀK_P [d_in, d_in] over the bank rows `rows` (each once) of inner layer i, float32."""
+        assert self._keys is not None and self.spec is not None
+        kp = self._keys[i][rows.unique()]
+        # Outside autocast: a bf16 K_PᵀK_P would lose the small eigenvalues the solve divides by
+        # (malmen/editor.py normal_terms; a bf16-mixed training run with it collapsed its step sizes).
+        with torch.autocast(kp.device.type, enabled=False):
+            return self.spec.weight * (kp.T @ kp)
