@@ -114,8 +114,9 @@ def training_facts(data_dir: str, max_facts: int | None = None, seed: int = 0) -
 
 
 class PreservedKeys:
-    """The bank (built on first use, kept in memory: it is derived from the base model and the data)
-    and the selection of preserved keys for a batch of edits."""
+    """The bank (read on first use, then kept in memory and cached on disk under the editor's
+    cache_root: it is derived from the base model and the data, never saved with the editor) and the
+    selection of preserved keys for a batch of edits."""
 
     def __init__(self, model: Any, inner_params: Sequence[InnerParam], spec: PreserveSpec | dict[str, Any] | None) -> None:
         self.model, self.inner_params = model, list(inner_params)
