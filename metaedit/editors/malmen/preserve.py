@@ -189,6 +189,8 @@ class PreservedKeys:
         """Bank rows of facts that name one of `subjects` or whose prompt is one of `prompts`."""
         assert self._fact_of_row is not None
         names = [s for s in set(subjects) if s]
+        # By the record's subject (a rephrase may name it in another form) and by the name in the text
+        # (a neighbourhood prompt of another record may be about an edited subject).
         texts = set(prompts)
         bad = [j for j, f in enumerate(self.facts)
                if f.prompt in texts or (f.subject is not None and f.subject in names)
