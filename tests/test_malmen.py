@@ -420,7 +420,15 @@ def test_preserved_facts_are_fitted_to_a_zero_shift_and_never_the_edited_subject
     model, tok, _ = tiny("tiny-llama")
     loaded = load_editor(saved, model=model, tokenizer=tok, cache_dir=tmp_path / "cache")
     assert loaded.preserve.spec is not None and loaded.preserve.spec.top_k == 3
-    assert list((tmp_path / "cache" / "preserve").glob("bank.*.safetensors"))  # read once, then cached
+    cached = list((tmp_path / "cache" / "preserve").glob("bank.*.safetensors"))
+    assert len(cached) == 1  # read once, then cached
+    loaded.preserve.prepare(loaded)
+    torch.testing.assert_close(loaded.preserve._keys[0], bank._keys[0])  # the cache gives the same bank
+    # A truncated cache file is read again from the facts, not a traceback from safetensors.
+    cached[0].write_bytes(cached[0].read_bytes()[:100])
+    again = load_editor(saved, model=model, tokenizer=tok, cache_dir=tmp_path / "cache")
+    again.preserve.prepare(again)
+    torch.testing.assert_close(again.preserve._keys[0], bank._keys[0])
 
 
 def test_preserve_refuses_a_bad_setting(make_editor, tmp_path):

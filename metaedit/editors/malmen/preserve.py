@@ -29,6 +29,7 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -123,7 +124,7 @@ class PreservedKeys:
         self.spec = PreserveSpec.coerce(spec)
         self.facts: list[Fact] = []
         self._keys: list[Tensor] | None = None  # per inner layer: [bank rows, d_in] float32
-        self._units: list[Tensor] | None = None  # the same rows scaled to unit norm (cosine retrieval)
+        self._norms: list[Tensor] | None = None  # their norms [bank rows] (cosine retrieval)
         self._fact_of_row: Tensor | None = None  # [bank rows] index into self.facts
 
     @property
@@ -145,16 +146,31 @@ class PreservedKeys:
         path = editor.cache_root / "preserve" / f"bank.{digest}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(path.with_suffix(".lock")):
-            if path.is_file():
-                saved = load_file(str(path))
-                keys, owners = [saved[f"keys.{i}"] for i in range(len(names))], saved["owner"]
+            cached = self._load(path, len(names))
+            if cached is not None:
+                keys, owners = cached
                 log.info("malmen preserve bank: %d keys of %d training facts from %s", owners.numel(), len(self.facts), path)
             else:
                 keys, owners = self._read(editor)
                 save_tensors({**{f"keys.{i}": k.contiguous() for i, k in enumerate(keys)}, "owner": owners}, path)
         self._keys = [k.to(editor.device) for k in keys]
-        self._units = [k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12) for k in self._keys]
+        self._norms = [k.norm(dim=-1).clamp_min(1e-12) for k in self._keys]
         self._fact_of_row = owners.to(editor.device)
+
+    def _load(self, path: Path, n_layers: int) -> tuple[list[Tensor], Tensor] | None:
+        """A cached bank, or None when there is none or it cannot be read (then it is read again)."""
+        if not path.is_file():
+            return None
+        try:
+            saved = load_file(str(path))
+            keys, owners = [saved[f"keys.{i}"] for i in range(n_layers)], saved["owner"]
+        except Exception as e:  # a truncated or foreign file: rebuild rather than fail deep in safetensors
+            log.warning("malmen preserve bank cache %s is unreadable (%s): reading the facts again", path, e)
+            return None
+        if any(k.shape[0] != owners.shape[0] for k in keys):
+            log.warning("malmen preserve bank cache %s is inconsistent: reading the facts again", path)
+            return None
+        return keys, owners
 
     @torch.no_grad()
     def _read(self, editor: Editor) -> tuple[list[Tensor], Tensor]:
@@ -201,15 +217,15 @@ class PreservedKeys:
 
     def nearest(self, i: int, k: Tensor, excluded: Tensor) -> Tensor:
         """Indices of the bank rows of inner layer i nearest (cosine) to each row of keys k, `top_k` each."""
-        assert self._units is not None and self.spec is not None
-        units = self._units[i]
-        q = k.detach().to(units.dtype)
-        with torch.autocast(units.device.type, enabled=False):  # float32 similarities, as the bank
-            sims = (q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ units.T
+        assert self._keys is not None and self._norms is not None and self.spec is not None
+        keys = self._keys[i]
+        q = k.detach().to(keys.dtype)
+        with torch.autocast(keys.device.type, enabled=False):  # float32 similarities, as the bank
+            sims = (q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ keys.T / self._norms[i]
         sims[:, excluded] = -float("inf")
         kept = min(self.spec.top_k, int((~excluded).sum()))
         if kept == 0:
-            return torch.zeros(0, dtype=torch.long, device=units.device)
+            return torch.zeros(0, dtype=torch.long, device=keys.device)
         return sims.topk(kept, dim=-1).indices.reshape(-1)
 
     def gram(self, i: int, rows: Tensor) -> Tensor:
