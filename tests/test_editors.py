@@ -474,6 +474,14 @@ def test_mend_key_whitening_applies_the_rome_direction_and_spares_common_keys(ti
         d_plain = (by_plain[p.name] - model.get_parameter(p.name)) @ top
         d_white = (by_white[p.name] - model.get_parameter(p.name)) @ top
         assert d_white.norm() < 0.5 * d_plain.norm(), p.name
+        # Under bf16 autocast (trainer.precision=bf16-mixed) and for bf16 rows, the product with A is
+        # still a float32 one: A's entries cancel, and a bf16 product loses the small directions.
+        u16 = u.bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            w16 = white.whiten(inner.index(p), u16)
+        u16 = u16.float()
+        expected = (u16 @ a) * ((u16 * u16).sum(-1) / (u16 * (u16 @ a)).sum(-1))[:, None]
+        assert w16.dtype == torch.float32 and torch.allclose(w16, expected, rtol=1e-4, atol=1e-6)
     before = nll(forward_logits(model, batch), batch.targets)
     assert nll(white.apply_edits(batch, []).logits(batch), batch.targets) < before
 
@@ -522,6 +530,13 @@ def test_enn_and_ke_key_whitening_step_along_the_whitened_gradient_and_spare_com
         d_plain = (by_plain[p.name] - model.get_parameter(p.name)) @ top
         d_white = (by_white[p.name] - model.get_parameter(p.name)) @ top
         assert d_white.norm() < 0.5 * d_plain.norm(), p.name
+        # Under bf16 autocast and for a bf16 gradient, the product with A is a float32 one (as MEND's rows).
+        g16 = g.bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            w16 = white.whitening.gradient(white, i, g16)
+        g16 = g16.float()
+        expected = (g16 @ a) * ((g16 * g16).sum((-2, -1), keepdim=True) / (g16 * (g16 @ a)).sum((-2, -1), keepdim=True))
+        assert w16.dtype == torch.float32 and torch.allclose(w16, expected, rtol=1e-4, atol=1e-7)
     before = nll(forward_logits(model, batch), batch.targets)
     assert nll(white.apply_edits(batch, reqs).logits(batch), batch.targets) < before
 

@@ -214,12 +214,65 @@ def test_further_solves_read_the_edited_model_and_lower_the_edit_loss(make_edito
         torch.testing.assert_close(three.params[name], w)
     solves = []
     shifts = ed.weight_shifts
-    ed.weight_shifts = lambda *a: solves.append(a) or shifts(*a)
+    ed.weight_shifts = lambda *a, **kw: solves.append(a) or shifts(*a, **kw)
     ed.train()
     with torch.no_grad():
         ed.apply_edits(batch, [])
     ed.eval()
     assert len(solves) == 1
+
+
+def test_keep_earlier_fits_the_earlier_steps_keys_to_a_zero_shift_in_a_sequence(make_editor, tmp_path):
+    """keep_earlier μ_E: in a sequence, a step's solve is (KᵀK + μ_E Σ K_EᵀK_E + e^λ I)⁻¹ KᵀD with K_E
+    the earlier steps' keys (read on the model they were edited from), so at a large μ_E the later
+    step leaves the earlier edits' keys (almost) where the earlier step put them; the state saves
+    and loads (a resumed sequence), a new sequence starts empty, and an edit outside a sequence keeps
+    nothing."""
+    from metaedit.types import EditRequest
+    from tests.test_editors import TEST_SUBJECTS
+
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(4))]
+    first, second = reqs[:2], reqs[2:]
+    shifts_at_first = {}
+    for mu in (0.0, 1e4):
+        torch.manual_seed(0)  # the same editor both times: only μ_E differs
+        ed = make_editor("malmen", "tiny-gpt2", rows="target", keep_earlier=mu)
+        b1, b2 = (ed.formatter.batch([r.prompt for r in rs], [r.target for r in rs]) for rs in (first, second))
+        _non_trivial(ed, b1, first)
+        with torch.no_grad():
+            ed.log_lambdas.fill_(-4.0)
+            own = [k for k, _ in ed.capture(b1, first)]  # step 1's keys on the base
+            ed.apply_edits(b1, first)
+            assert ed.earlier == []  # not a sequence: nothing kept
+            steps = []
+            ed.edit_sequential(first + second, batch_size=2, after_each=lambda k, m: steps.append(dict(m.params)))
+        if mu:
+            for kept, k in zip(ed.earlier[:1], own):  # both steps' KᵀK; the first layer's keys are the base's
+                assert kept.dtype == torch.float32 and kept.shape == (k.shape[1], k.shape[1])
+            state = ed.sequence_state()
+            assert sorted(state) == [f"earlier.{i}" for i in range(len(ed.inner_params))]
+            ed.reset_sequence()
+            assert ed.earlier == []
+            ed.load_sequence_state(state)
+            assert all(torch.equal(a, b) for a, b in zip(ed.earlier, state.values()))
+            with pytest.raises(MetaEditError, match="keeps earlier"):
+                ed.load_sequence_state({"preserved.3": state["earlier.0"]})
+        # How much step 2 moved step 1's outputs, on step 1's keys of the first inner layer (block 1's
+        # c_fc: its input comes from below every edited matrix, so the keys are the same on both models).
+        name = ed.inner_params[0].name
+        delta = steps[1][name] - steps[0][name]
+        delta = delta.T if ed.inner_params[0].transposed else delta
+        step1 = steps[0][name] - ed.model.get_parameter(name)
+        step1 = step1.T if ed.inner_params[0].transposed else step1
+        shifts_at_first[mu] = (float((own[0] @ delta.T).norm()), float((own[0] @ step1.T).norm()))
+    (moved_plain, step1_plain), (moved_kept, step1_kept) = shifts_at_first[0.0], shifts_at_first[1e4]
+    assert step1_plain > 0 and moved_plain > 0.05 * step1_plain, shifts_at_first  # the later step disturbs them
+    assert step1_kept == pytest.approx(step1_plain, rel=1e-4)  # a sequence's first step has nothing to keep
+    assert moved_kept < 1e-2 * moved_plain, shifts_at_first
+    with pytest.raises(MetaEditError, match="keep_earlier must be >= 0"):
+        make_editor("malmen", "tiny-gpt2", keep_earlier=-1.0)
+    save_editor(ed, tmp_path / "ed")
+    assert json.loads((tmp_path / "ed" / "editor_config.json").read_text())["hparams"]["keep_earlier"] == 1e4
 
 
 def test_decoupled_training_gradient_equals_the_direct_one(make_editor):

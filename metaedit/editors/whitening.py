@@ -98,8 +98,8 @@ class KeyWhitening:
         return self._cast[key]
 
     def matrices(self, editor: Editor, like: Tensor) -> list[Tensor]:
-        """A per inner parameter in `like`'s dtype and device (converted once per dtype: float64 only
-        in exact checks)."""
+        """A per inner parameter in `like`'s dtype and device (converted once per dtype: float32, or
+        float64 in exact checks)."""
         key = ("inverse", like.dtype, like.device)
         if key not in self._cast:
             self._cast[key] = [a.to(like.device, like.dtype) for a in self._inverse(editor)]
@@ -115,16 +115,27 @@ class KeyWhitening:
         """u_w = A u · (uᵀu)/(uᵀA u) for the rows u [..., d_in] of inner parameter i; zero rows stay zero."""
         if not self.enabled:
             return u
-        w = u @ self.matrices(editor, u)[i]  # A is symmetric
-        return w * _projection_kept(u, w, dims=(-1,))
+        with torch.autocast(u.device.type, enabled=False):
+            u = _at_least_float32(u)
+            w = u @ self.matrices(editor, u)[i]  # A is symmetric
+            return w * _projection_kept(u, w, dims=(-1,))
 
     def gradient(self, editor: Editor, i: int, g: Tensor) -> Tensor:
         """G_w = G A · ⟨G, G⟩/⟨G, G A⟩ for gradients g [..., d_out, d_in] of inner parameter i (one scale
         per matrix)."""
         if not self.enabled:
             return g
-        w = g @ self.matrices(editor, g)[i]
-        return w * _projection_kept(g, w, dims=(-2, -1))
+        with torch.autocast(g.device.type, enabled=False):
+            g = _at_least_float32(g)
+            w = g @ self.matrices(editor, g)[i]
+            return w * _projection_kept(g, w, dims=(-2, -1))
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """x in float32 (float64 stays): A = (C + ρI)⁻¹ has entries of both signs that cancel in x A, so
+    rounded to bf16 (as under bf16 autocast, or for a bf16 x) the product loses the small directions
+    whitening is for. `rows` and `gradient` return float32; their callers cast to the weights' dtype."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _projection_kept(x: Tensor, w: Tensor, dims: tuple[int, ...]) -> Tensor:

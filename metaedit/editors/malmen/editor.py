@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -98,6 +99,11 @@ class MALMENEditor(MENDEditor):
         preserve: None, or where preserved facts come from (metaedit.editors.malmen.preserve): the
             solve also fits the keys of the training split's true facts nearest each edit's keys to
             a zero shift, with weight μ, so that what it writes for one subject spares its neighbours.
+        keep_earlier: μ_E ≥ 0, for sequential editing (`edit_sequential`, protocol=sequential): the
+            solve of each step also fits the keys of the sequence's earlier steps to a zero shift with
+            weight μ_E — the model already maps them to their edited values, so a later edit that
+            leaves them alone keeps the earlier ones (AlphaEdit keeps its earlier keys for the same
+            reason). 0 (the paper's): every step's solve sees only its own edits. Edit time only.
     """
 
     method = "malmen"
@@ -123,9 +129,12 @@ class MALMENEditor(MENDEditor):
         lambda_lr: float | None = None,
         edit_steps: int = 1,
         preserve: PreserveSpec | dict[str, Any] | None = None,
+        keep_earlier: float = 0.0,
     ) -> None:
         if lambda_lr is not None and not lambda_lr > 0:
             raise MetaEditError(f"{self.method} lambda_lr must be > 0 or null, got {lambda_lr}")
+        if not keep_earlier >= 0:
+            raise MetaEditError(f"{self.method} keep_earlier must be >= 0, got {keep_earlier}")
         # edit_contrast / transform_delta act on MEND's capture and networks, which MALMEN reuses.
         super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
                          edit_lr_lr=edit_lr_lr, chunk_size=chunk_size, edit_scale=edit_scale,
@@ -139,6 +148,9 @@ class MALMENEditor(MENDEditor):
             # The bank holds answer-position keys: a subject row's key is not comparable to them.
             raise MetaEditError(f"{self.method} preserve needs rows=target or rows=nonpad (the bank's keys are "
                                 f"the answer positions'), got rows={rows!r}")
+        self.keep_earlier = float(keep_earlier)
+        self._in_sequence = False  # inside editing_from: a step of a sequence
+        self.earlier: list[Tensor] = []  # Σ KᵀK per inner layer of the sequence's earlier steps (float32)
 
     def hparams(self) -> dict[str, Any]:
         # MEND's key_whitening (with its stats) is not MALMEN's: its update is a least-squares solve
@@ -146,7 +158,8 @@ class MALMENEditor(MENDEditor):
         mend = {k: v for k, v in super().hparams().items() if k not in ("key_whitening", "stats")}
         return {**mend, "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb,
                 "key_covariance": self.covariance.rho, "stats": self.covariance.stats.to_dict(), "lambda_lr": self.lambda_lr,
-                "preserve": None if self.preserve.spec is None else self.preserve.spec.to_dict()}
+                "preserve": None if self.preserve.spec is None else self.preserve.spec.to_dict(),
+                "keep_earlier": self.keep_earlier}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         # MEND's groups without λ, and λ in its own (no weight decay: it would pull λ towards 0, i.e.
@@ -169,6 +182,34 @@ class MALMENEditor(MENDEditor):
         return {**super().state_to_log(), "log_lambda_mean": lam.mean(), "log_lambda_min": lam.min(),
                 "log_lambda_max": lam.max()}
 
+    # ---- sequences: the earlier steps' keys (keep_earlier) ----------------------------------------
+    @contextmanager
+    def editing_from(self, params: Mapping[str, Tensor]) -> Iterator[None]:
+        was = self._in_sequence
+        self._in_sequence = True
+        try:
+            with super().editing_from(params):
+                yield
+        finally:
+            self._in_sequence = was
+
+    @property
+    def _keeps_earlier(self) -> bool:
+        return self.keep_earlier > 0 and self._in_sequence and not self.training
+
+    def reset_sequence(self) -> None:
+        self.earlier = []
+
+    def sequence_state(self) -> dict[str, Tensor]:
+        return {f"earlier.{i}": g for i, g in enumerate(self.earlier)}
+
+    def load_sequence_state(self, state: Mapping[str, Tensor]) -> None:
+        expected = {f"earlier.{i}" for i in range(len(self.inner_params))}
+        if state and set(state) != expected:
+            raise MetaEditError(f"{self.method}: a saved sequence holds {sorted(state)[:3]}...; this editor keeps "
+                                f"earlier.0..{len(self.inner_params) - 1}")
+        self.earlier = [state[f"earlier.{i}"].float() for i in range(len(self.inner_params))] if state else []
+
     # ---- the least-squares shift ----------------------------------------------------------------
     def _check_memory(self, rows: Sequence[tuple[Tensor, Tensor]], held: float) -> float:
         """MB of this chunk's K/D rows (×(3 + 4·n_blocks) when an autograd graph keeps the networks'
@@ -184,12 +225,13 @@ class MALMENEditor(MENDEditor):
         return total
 
     def normal_equations(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
-                         params: Mapping[str, Tensor] | None = None,
-                         avoid: Sequence[str] = ()) -> list[tuple[Tensor, Tensor]]:
+                         params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
+                         edit_grams: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
         """(KᵀK, DᵀK) per inner layer, summed over chunks of `chunk_size` edits; keys and gradients are
         read on the model with `params` (None: the base). With `preserve`, KᵀK + μ K_PᵀK_P: the
         preserved facts' keys nearest the edits' (never facts that name an edited subject or whose
-        prompt is in `avoid`)."""
+        prompt is in `avoid`); in a sequence with keep_earlier, + μ_E Σ K_EᵀK_E of the earlier steps.
+        `edit_grams`, when given, receives the edits' own KᵀK per layer (without those terms)."""
         sums: list[tuple[Tensor, Tensor] | None] = [None] * len(self.inner_params)
         held = 0.0
         preserved: list[list[Tensor]] = [[] for _ in self.inner_params]
@@ -218,16 +260,21 @@ class MALMENEditor(MENDEditor):
                 raise MetaEditError(
                     f"malmen ran out of memory on a chunk of {self.chunk_size} edits; lower "
                     f"method.editor.chunk_size{' or data.n_edits' if torch.is_grad_enabled() else ''} ({e})") from None
+        out = [s for s in sums if s is not None]
+        if edit_grams is not None:
+            edit_grams.extend(g for g, _ in out)
         if self.preserve.enabled:
-            sums = [s if s is None or not preserved[i] else
-                    (s[0] + self.preserve.gram(i, torch.cat(preserved[i])).to(s[0].dtype), s[1])
-                    for i, s in enumerate(sums)]
-        return [s for s in sums if s is not None]
+            out = [(g + self.preserve.gram(i, torch.cat(preserved[i])).to(g.dtype), c) if preserved[i] else (g, c)
+                   for i, (g, c) in enumerate(out)]
+        if self._keeps_earlier and self.earlier:
+            out = [(g + self.keep_earlier * e.to(g.device, g.dtype), c) for (g, c), e in zip(out, self.earlier)]
+        return out
 
     def weight_shifts(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
-                      params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = ()) -> list[Tensor]:
+                      params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
+                      edit_grams: list[Tensor] | None = None) -> list[Tensor]:
         """ΔW_ℓ [d_out, d_in] for every inner layer (differentiable w.r.t. networks, η, λ)."""
-        sums = self.normal_equations(edit, requests, params, avoid)
+        sums = self.normal_equations(edit, requests, params, avoid, edit_grams)
         ridges = self.covariance.covariances(self, sums[0][0]) if self.covariance.enabled else [None] * len(sums)
         return [solve_shift(g, c, self.log_lambdas[i], r) for i, ((g, c), r) in enumerate(zip(sums, ridges))]
 
@@ -246,12 +293,17 @@ class MALMENEditor(MENDEditor):
         # on the edited model: every edit's key and gradient are read anew there, so an edit that
         # landed (small gradient, small value shift) holds its fit while the others get another shift
         # — MEMIT's value shifts are ~15 such steps on one layer, MALMEN's one.
-        edited = self.shifted(self.weight_shifts(edit, requests))
+        grams: list[Tensor] | None = [] if self._keeps_earlier else None
+        edited = self.shifted(self.weight_shifts(edit, requests, edit_grams=grams))
         for _ in range(1, 1 if self.training else self.edit_steps):
             with torch.no_grad():
                 if exact_correct(edited.logits(edit), edit.targets).all():
                     break
             edited = self.shifted(self.weight_shifts(edit, requests, edited.params), edited.params)
+        if grams is not None:
+            # This step's keys, read on the model the earlier steps edited, join the kept ones.
+            grams = [g.detach().float() for g in grams]
+            self.earlier = grams if not self.earlier else [e + g for e, g in zip(self.earlier, grams)]
         return edited
 
     # ---- decoupled meta-training ----------------------------------------------------------------
