@@ -277,6 +277,39 @@ def test_keep_earlier_fits_the_earlier_steps_keys_to_a_zero_shift_in_a_sequence(
     assert json.loads((tmp_path / "ed" / "editor_config.json").read_text())["hparams"]["keep_earlier"] == 1e4
 
 
+def test_max_shift_scales_a_large_shift_down_to_its_bound_at_edit_time_only(make_editor):
+    """max_shift c: at edit time each solve's ΔW_ℓ keeps its direction and is scaled to at most c·‖W_ℓ‖
+    (W_ℓ the weights it is applied to: in a sequence the running edit's); a shift within the bound
+    and training (which learns the shifts' size) are left alone."""
+    ed = make_editor("malmen", "tiny-gpt2", rows="target")
+    reqs = requests(2)
+    batch = ed.formatter.batch(*zip(*reqs))
+    _non_trivial(ed, batch)
+    with torch.no_grad():
+        free = ed.weight_shifts(batch)
+        base = {p.name: ed.model.get_parameter(p.name).detach().clone() for p in ed.inner_params}
+        ratios = [float(s.norm() / base[p.name].norm()) for p, s in zip(ed.inner_params, free)]
+        c = 0.5 * min(ratios)  # every layer's shift is above the bound
+        ed.max_shift = c
+        edited = ed.apply_edits(batch, [])
+        for p, s in zip(ed.inner_params, free):
+            got = edited.params[p.name] - base[p.name]
+            got = got.T if p.transposed else got
+            torch.testing.assert_close(got, -s * (c * base[p.name].norm() / s.norm()), rtol=1e-4, atol=1e-7)
+        ed.max_shift = 2 * max(ratios)  # above every shift: nothing changes
+        assert all(torch.equal(a, b) for a, b in zip(ed.bounded(free), free))
+        ed.max_shift = c
+        ed.train()
+        assert all(torch.equal(a, b) for a, b in zip(ed.bounded(free), free))
+        ed.eval()
+        # In a sequence the bound is taken on the running weights: doubled weights, a doubled bound.
+        doubled = {n: 2 * w for n, w in base.items()}
+        for p, a, b in zip(ed.inner_params, ed.bounded(free, doubled), ed.bounded(free)):
+            assert float(a.norm()) == pytest.approx(2 * float(b.norm()), rel=1e-4)
+    with pytest.raises(MetaEditError, match="max_shift must be > 0"):
+        make_editor("malmen", "tiny-gpt2", max_shift=0.0)
+
+
 def test_decoupled_training_gradient_equals_the_direct_one(make_editor):
     ed = make_editor("malmen", "tiny-gpt2", chunk_size=64)
     reqs = requests(3)

@@ -104,6 +104,10 @@ class MALMENEditor(MENDEditor):
             weight μ_E — the model already maps them to their edited values, so a later edit that
             leaves them alone keeps the earlier ones (AlphaEdit keeps its earlier keys for the same
             reason). 0 (the paper's): every step's solve sees only its own edits. Edit time only.
+        max_shift: None, or c > 0: at edit time each solve's ΔW_ℓ is scaled down to at most c·‖W_ℓ‖
+            (Frobenius, W_ℓ the weights it is applied to). A guard for long sequences: there an
+            edited block's larger outputs make larger keys at the blocks above, whose solves then
+            make larger shifts (session 44: a sequence of 10-edit steps diverged within 6–30 steps).
     """
 
     method = "malmen"
@@ -130,11 +134,14 @@ class MALMENEditor(MENDEditor):
         edit_steps: int = 1,
         preserve: PreserveSpec | dict[str, Any] | None = None,
         keep_earlier: float = 0.0,
+        max_shift: float | None = None,
     ) -> None:
         if lambda_lr is not None and not lambda_lr > 0:
             raise MetaEditError(f"{self.method} lambda_lr must be > 0 or null, got {lambda_lr}")
         if not keep_earlier >= 0:
             raise MetaEditError(f"{self.method} keep_earlier must be >= 0, got {keep_earlier}")
+        if max_shift is not None and not max_shift > 0:
+            raise MetaEditError(f"{self.method} max_shift must be > 0 or null, got {max_shift}")
         # edit_contrast / transform_delta act on MEND's capture and networks, which MALMEN reuses.
         super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
                          edit_lr_lr=edit_lr_lr, chunk_size=chunk_size, edit_scale=edit_scale,
@@ -149,6 +156,7 @@ class MALMENEditor(MENDEditor):
             raise MetaEditError(f"{self.method} preserve needs rows=target or rows=nonpad (the bank's keys are "
                                 f"the answer positions'), got rows={rows!r}")
         self.keep_earlier = float(keep_earlier)
+        self.max_shift = None if max_shift is None else float(max_shift)
         self._in_sequence = False  # inside editing_from: a step of a sequence
         self.earlier: list[Tensor] = []  # Σ KᵀK per inner layer of the sequence's earlier steps (float32)
 
@@ -159,7 +167,7 @@ class MALMENEditor(MENDEditor):
         return {**mend, "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb,
                 "key_covariance": self.covariance.rho, "stats": self.covariance.stats.to_dict(), "lambda_lr": self.lambda_lr,
                 "preserve": None if self.preserve.spec is None else self.preserve.spec.to_dict(),
-                "keep_earlier": self.keep_earlier}
+                "keep_earlier": self.keep_earlier, "max_shift": self.max_shift}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         # MEND's groups without λ, and λ in its own (no weight decay: it would pull λ towards 0, i.e.
@@ -288,18 +296,31 @@ class MALMENEditor(MENDEditor):
             params[p.name] = w - (shift.T if p.transposed else shift)
         return EditedModel(self.model, params)
 
+    def bounded(self, shifts: Sequence[Tensor], start: Mapping[str, Tensor] | None = None) -> list[Tensor]:
+        """`shifts` with each ΔW_ℓ scaled down to at most max_shift·‖W_ℓ‖ (unchanged when max_shift is None
+        or in training, which learns the shifts' size)."""
+        if self.max_shift is None or self.training:
+            return list(shifts)
+        out = []
+        for p, shift in zip(self.inner_params, shifts):
+            w = self.model.get_parameter(p.name) if start is None else start[p.name]
+            limit = self.max_shift * w.detach().float().norm()
+            out.append(shift * (limit / shift.norm().clamp_min(limit)).to(shift.dtype))
+        return out
+
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
         # Meta-training learns one solve. edit_steps > 1 (an edit-time choice, as MEND's) solves again
         # on the edited model: every edit's key and gradient are read anew there, so an edit that
         # landed (small gradient, small value shift) holds its fit while the others get another shift
         # — MEMIT's value shifts are ~15 such steps on one layer, MALMEN's one.
         grams: list[Tensor] | None = [] if self._keeps_earlier else None
-        edited = self.shifted(self.weight_shifts(edit, requests, edit_grams=grams))
+        edited = self.shifted(self.bounded(self.weight_shifts(edit, requests, edit_grams=grams)))
         for _ in range(1, 1 if self.training else self.edit_steps):
             with torch.no_grad():
                 if exact_correct(edited.logits(edit), edit.targets).all():
                     break
-            edited = self.shifted(self.weight_shifts(edit, requests, edited.params), edited.params)
+            edited = self.shifted(self.bounded(self.weight_shifts(edit, requests, edited.params), edited.params),
+                                  edited.params)
         if grams is not None:
             # This step's keys, read on the model the earlier steps edited, join the kept ones.
             grams = [g.detach().float() for g in grams]
