@@ -304,7 +304,7 @@ def test_max_shift_scales_a_large_shift_down_to_its_bound_at_edit_time_only(make
         ed.eval()
         # In a sequence the bound is taken on the running weights: doubled weights, a doubled bound.
         doubled = {n: 2 * w for n, w in base.items()}
-        for p, a, b in zip(ed.inner_params, ed.bounded(free, doubled), ed.bounded(free)):
+        for a, b in zip(ed.bounded(free, doubled), ed.bounded(free)):
             assert float(a.norm()) == pytest.approx(2 * float(b.norm()), rel=1e-4)
     with pytest.raises(MetaEditError, match="max_shift must be > 0"):
         make_editor("malmen", "tiny-gpt2", max_shift=0.0)
