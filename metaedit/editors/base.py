@@ -56,6 +56,9 @@ class Editor(nn.Module, ABC):
     # (`edit_sequential(resume=...)`, `sequence_state`); an editor whose sequence is no chain of
     # parameter updates (SERAC's memory appends) says no.
     resumable_sequences: ClassVar[bool] = True
+    # True inside `editing_from`: the next edit is a step of a sequence, on a model already edited
+    # (AlphaEdit and MALMEN's keep_earlier then use the keys of the sequence's earlier steps).
+    _in_sequence: bool = False
 
     def __init__(self, model: PreTrainedModel, inner_params: Sequence[InnerParam]) -> None:
         super().__init__()
@@ -220,8 +223,12 @@ class Editor(nn.Module, ABC):
         or each step of a sequence would start from the unedited copy and drop the earlier edits.
         """
         current = {n: nn.Parameter(v.detach(), requires_grad=False) for n, v in params.items()}
-        with swapped_params(self.model, current):
-            yield
+        was, self._in_sequence = self._in_sequence, True
+        try:
+            with swapped_params(self.model, current):
+                yield
+        finally:
+            self._in_sequence = was
 
     @property
     def device(self) -> torch.device:

@@ -21,8 +21,7 @@ A request without a subject falls back to the last prompt token
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -108,7 +107,6 @@ class LocateEditor(Editor):
         self.stats = StatsSpec.coerce(stats)
         self._contexts: list[str] | None = None
         self._moments: dict[int, Tensor] = {}
-        self._in_sequence = False  # inside editing_from: the model is already edited
 
     def _common_hparams(self) -> dict[str, Any]:
         s = self.delta_settings
@@ -133,16 +131,6 @@ class LocateEditor(Editor):
         if self._contexts is None:
             self._contexts = sample_contexts(self.model, self.tokenizer, self.n_contexts, self.context_tokens, self.seed)
         return self._contexts
-
-    @contextmanager
-    def editing_from(self, params: Mapping[str, Tensor]) -> Iterator[None]:
-        was = self._in_sequence
-        self._in_sequence = True
-        try:
-            with super().editing_from(params):
-                yield
-        finally:
-            self._in_sequence = was
 
     def moments(self, layer: int) -> Tensor:
         """C = E[k kᵀ] of the layer's MLP keys (float32), from the statistics cache."""

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -157,7 +156,6 @@ class MALMENEditor(MENDEditor):
                                 f"the answer positions'), got rows={rows!r}")
         self.keep_earlier = float(keep_earlier)
         self.max_shift = None if max_shift is None else float(max_shift)
-        self._in_sequence = False  # inside editing_from: a step of a sequence
         self.earlier: list[Tensor] = []  # Σ KᵀK per inner layer of the sequence's earlier steps (float32)
 
     def hparams(self) -> dict[str, Any]:
@@ -191,16 +189,6 @@ class MALMENEditor(MENDEditor):
                 "log_lambda_max": lam.max()}
 
     # ---- sequences: the earlier steps' keys (keep_earlier) ----------------------------------------
-    @contextmanager
-    def editing_from(self, params: Mapping[str, Tensor]) -> Iterator[None]:
-        was = self._in_sequence
-        self._in_sequence = True
-        try:
-            with super().editing_from(params):
-                yield
-        finally:
-            self._in_sequence = was
-
     @property
     def _keeps_earlier(self) -> bool:
         return self.keep_earlier > 0 and self._in_sequence and not self.training
