@@ -293,7 +293,8 @@ class MALMENEditor(MENDEditor):
         for p, shift in zip(self.inner_params, shifts):
             w = self.model.get_parameter(p.name) if start is None else start[p.name]
             limit = self.max_shift * w.detach().float().norm()
-            out.append(shift * (limit / shift.norm().clamp_min(limit)).to(shift.dtype))
+            norm = shift.detach().float().norm().clamp_min(limit).clamp_min(torch.finfo(torch.float32).tiny)
+            out.append(shift * (limit / norm).to(shift.dtype))  # (a zero W allows no shift, not 0/0)
         return out
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
