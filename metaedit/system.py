@@ -238,6 +238,9 @@ class EditorSystem(pl.LightningModule):
         self._finite = False
         # A lifelong sequence edits from its running edit (the editor sees it as its base weights);
         # locality stays against the unedited model (loc_base, computed above, outside it).
+        if not self._running:
+            # A new sequence (every step, without lifelong): forget what the editor kept over the last one.
+            self.editor.reset_sequence()
         with self.editor.editing_from(self._running):
             logs = self.editor.training_loss_and_backward(batch, self._objective, self._backward)
         self._advance_sequence(batch, self._finite)

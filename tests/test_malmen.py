@@ -277,10 +277,10 @@ def test_keep_earlier_fits_the_earlier_steps_keys_to_a_zero_shift_in_a_sequence(
     assert json.loads((tmp_path / "ed" / "editor_config.json").read_text())["hparams"]["keep_earlier"] == 1e4
 
 
-def test_max_shift_scales_a_large_shift_down_to_its_bound_at_edit_time_only(make_editor):
-    """max_shift c: at edit time each solve's ΔW_ℓ keeps its direction and is scaled to at most c·‖W_ℓ‖
-    (W_ℓ the weights it is applied to: in a sequence the running edit's); a shift within the bound
-    and training (which learns the shifts' size) are left alone."""
+def test_max_shift_scales_a_large_shift_down_to_its_bound(make_editor):
+    """max_shift c: each solve's ΔW_ℓ keeps its direction and is scaled to at most c·‖W_ℓ‖ (W_ℓ the
+    weights it is applied to: in a sequence the running edit's), in training as at edit time (so a
+    lifelong-trained editor learns under the bound it is used with); a shift within it is left alone."""
     ed = make_editor("malmen", "tiny-gpt2", rows="target")
     reqs = requests(2)
     batch = ed.formatter.batch(*zip(*reqs))
@@ -299,8 +299,9 @@ def test_max_shift_scales_a_large_shift_down_to_its_bound_at_edit_time_only(make
         ed.max_shift = 2 * max(ratios)  # above every shift: nothing changes
         assert all(torch.equal(a, b) for a, b in zip(ed.bounded(free), free))
         ed.max_shift = c
+        at_edit_time = ed.bounded(free)
         ed.train()
-        assert all(torch.equal(a, b) for a, b in zip(ed.bounded(free), free))
+        assert all(torch.equal(a, b) for a, b in zip(ed.bounded(free), at_edit_time))
         ed.eval()
         # In a sequence the bound is taken on the running weights: doubled weights, a doubled bound.
         doubled = {n: 2 * w for n, w in base.items()}
@@ -409,6 +410,59 @@ def test_lifelong_loss_includes_the_earlier_edits_of_the_sequence(make_editor, m
     # Step 2's own edits are the same; only the earlier edits' targets differ, and so do loss and gradient.
     assert logs["loss_edit_prev"] != logs_changed["loss_edit_prev"] and logs["loss"] != logs_changed["loss"]
     assert any(not torch.allclose(a, b) for a, b in zip(grads, grads_changed))
+
+
+def test_lifelong_training_keeps_the_earlier_steps_keys_within_its_sequence(make_editor):
+    """keep_earlier in lifelong training: a step's solve adds μ_E·Σ K_EᵀK_E of its sequence's earlier
+    steps (keys read on the model each was edited from), as at edit time; a new sequence starts with
+    none kept, and without lifelong every step is its own sequence."""
+    from metaedit.data.datamodule import EditCollator
+    from tests.test_protocols import _record
+
+    mu = 3.0
+    ed = make_editor("malmen", "tiny-gpt2", rows="target", keep_earlier=mu)
+    ed.eval()  # frozen running norms
+    reqs = requests(4)
+    collate = EditCollator(ed.formatter, sample=False)
+    first, second = collate([_record(*r) for r in reqs[:2]]), collate([_record(*r) for r in reqs[2:]])
+    solves: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (the edits' own KᵀK, the solve's gram) per step
+    plain = ed.normal_equations
+
+    def spy(edit, requests=None, params=None, avoid=(), edit_grams=None):
+        own: list[torch.Tensor] = []
+        out = plain(edit, requests, params, avoid, own)
+        if edit_grams is not None:
+            edit_grams.extend(own)
+        solves.append(([g.detach().float() for g in own], [g.detach().float() for g, _ in out]))
+        return out
+
+    ed.normal_equations = spy
+
+    def steps(lifelong, *batches):
+        system = EditorSystem(ed, prefix_cache=False, lifelong=lifelong)
+
+        def backward(loss, check=None):
+            loss.backward()
+            system._finite = True
+
+        system._backward = backward
+        solves.clear()
+        for b in batches:
+            system.outer_step(b)
+            ed.zero_grad(set_to_none=True)
+        return list(solves)
+
+    seq = {"steps_back": 1, "gamma": 0.5, "l2": 0.0, "seq_len": 2}
+    (own1, gram1), (own2, gram2), (own3, gram3) = steps(seq, first, second, first)
+    for i in range(len(ed.inner_params)):
+        torch.testing.assert_close(gram1[i], own1[i])  # a sequence's first step keeps nothing
+        torch.testing.assert_close(gram2[i], own2[i] + mu * own1[i], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(gram3[i], own3[i])  # seq_len 2: step 3 starts a new sequence
+    assert all(float(g.abs().max()) > 0 for g in own1)
+    # Without lifelong, no step keeps another's keys.
+    (own1, gram1), (own2, gram2) = steps(None, first, second)
+    for i in range(len(ed.inner_params)):
+        torch.testing.assert_close(gram2[i], own2[i])
 
 
 def test_malmen_regularisers_get_their_own_learning_rate(make_editor, make_data):

@@ -102,8 +102,9 @@ class MALMENEditor(MENDEditor):
             solve of each step also fits the keys of the sequence's earlier steps to a zero shift with
             weight μ_E — the model already maps them to their edited values, so a later edit that
             leaves them alone keeps the earlier ones (AlphaEdit keeps its earlier keys for the same
-            reason). 0 (the paper's): every step's solve sees only its own edits. Edit time only.
-        max_shift: None, or c > 0: at edit time each solve's ΔW_ℓ is scaled down to at most c·‖W_ℓ‖
+            reason). 0 (the paper's): every step's solve sees only its own edits. Lifelong training
+            (method.loss.lifelong) keeps them over its training sequences the same way.
+        max_shift: None, or c > 0: each solve's ΔW_ℓ is scaled down to at most c·‖W_ℓ‖ (in training too)
             (Frobenius, W_ℓ the weights it is applied to). A guard for long sequences: there an
             edited block's larger outputs make larger keys at the blocks above, whose solves then
             make larger shifts (session 44: a sequence of 10-edit steps diverged within 6–30 steps).
@@ -191,7 +192,9 @@ class MALMENEditor(MENDEditor):
     # ---- sequences: the earlier steps' keys (keep_earlier) ----------------------------------------
     @property
     def _keeps_earlier(self) -> bool:
-        return self.keep_earlier > 0 and self._in_sequence and not self.training
+        # In training, a lifelong sequence (the trainer resets it at each sequence's start) keeps its
+        # steps' keys as an edit-time sequence does, so the editor learns the solve it will face there.
+        return self.keep_earlier > 0 and self._in_sequence
 
     def reset_sequence(self) -> None:
         self.earlier = []
@@ -285,9 +288,9 @@ class MALMENEditor(MENDEditor):
         return EditedModel(self.model, params)
 
     def bounded(self, shifts: Sequence[Tensor], start: Mapping[str, Tensor] | None = None) -> list[Tensor]:
-        """`shifts` with each ΔW_ℓ scaled down to at most max_shift·‖W_ℓ‖ (unchanged when max_shift is None
-        or in training, which learns the shifts' size)."""
-        if self.max_shift is None or self.training:
+        """`shifts` with each ΔW_ℓ scaled down to at most max_shift·‖W_ℓ‖ (unchanged when max_shift is None).
+        The scale is a constant of the graph: in training the gradient reaches the shift scaled by it."""
+        if self.max_shift is None:
             return list(shifts)
         out = []
         for p, shift in zip(self.inner_params, shifts):
@@ -310,11 +313,15 @@ class MALMENEditor(MENDEditor):
                     break
             edited = self.shifted(self.bounded(self.weight_shifts(edit, requests, edited.params), edited.params),
                                   edited.params)
-        if grams is not None:
-            # This step's keys, read on the model the earlier steps edited, join the kept ones.
-            grams = [g.detach().float() for g in grams]
-            self.earlier = grams if not self.earlier else [e + g for e, g in zip(self.earlier, grams)]
+        self._keep(grams)
         return edited
+
+    def _keep(self, grams: list[Tensor] | None) -> None:
+        """This step's keys (KᵀK per layer, read on the model the earlier steps edited) join the kept ones."""
+        if grams is None:
+            return
+        grams = [g.detach().float() for g in grams]
+        self.earlier = grams if not self.earlier else [e + g for e, g in zip(self.earlier, grams)]
 
     # ---- decoupled meta-training ----------------------------------------------------------------
     def training_loss_and_backward(
@@ -326,7 +333,9 @@ class MALMENEditor(MENDEditor):
         # (1) ΔW with a graph into the networks only: the base ran forward/backward per chunk to give
         #     the constants (u, δ); no graph through it is kept.
         # The prompts the outer loss scores are never preserved (they stand for unseen neighbours).
-        shifts = self.weight_shifts(batch.edit, batch.requests, avoid=[*batch.inscope_prompts, *batch.loc_prompts])
+        grams: list[Tensor] | None = [] if self._keeps_earlier else None
+        shifts = self.bounded(self.weight_shifts(batch.edit, batch.requests,
+                                                 avoid=[*batch.inscope_prompts, *batch.loc_prompts], edit_grams=grams))
         # (2) The outer loss on W − ΔW with ΔW a leaf: each chunk's base graph ends at the leaf and is
         #     freed by its backward, so only one chunk's activations live at a time. Chunks are
         #     weighted by their share of the edits (their losses are means over their own tokens).
@@ -345,5 +354,6 @@ class MALMENEditor(MENDEditor):
         #     (a vector-Jacobian product): one backward through the solve and the networks.
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
         backward(sum((s * g).sum() for s, g in zip(shifts, grads)), total)
+        self._keep(grams)
         logs["loss"] = total
         return logs
