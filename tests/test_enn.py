@@ -186,6 +186,39 @@ def test_enn_subject_last_rows_step_along_the_subjects_gradient_only(make_editor
     with pytest.raises(MetaEditError, match="first_order"):
         make_editor("enn", "tiny-gpt2", rows="subject_last")
 
+def test_enn_target_rows_step_along_the_answer_positions_gradient_only(make_editor):
+    """rows=target: θ' − θ = −α Σ_i Σ_t δ_it u_itᵀ over the positions whose logits score the answer
+    (targets ≠ −100), not the prompt's earlier positions; a seq2seq model is refused."""
+    from metaedit.hooks import capture_layer_io
+    from metaedit.types import EditRequest
+
+    ed = make_editor("enn", "tiny-gpt2", first_order=True, rows="target", edit_lr=0.5).eval()
+    plain = make_editor("enn", "tiny-gpt2", first_order=True, edit_lr=0.5).eval()
+    before = snapshot(ed.model)
+    reqs = [EditRequest(p, t) for p, t in requests(2)]
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    new, new_plain = ed.apply_edits(batch, reqs).params, plain.apply_edits(batch, reqs).params
+    modules = {p.module_name: ed.model.get_submodule(p.module_name) for p in ed.inner_params}
+    with torch.enable_grad(), capture_layer_io(modules) as io:
+        loss = nll(forward_logits(ed.model, batch), batch.targets, reduction="sum")
+        deltas = torch.autograd.grad(loss, [io[p.module_name][1] for p in ed.inner_params])
+    answer = batch.targets != -100
+    assert answer.any() and (~answer & batch.attention_mask.bool()).any()  # prompt positions exist and are left out
+    differs = 0
+    for p, d in zip(ed.inner_params, deltas):
+        u = io[p.module_name][0]
+        grad = torch.einsum("bto,bti->oi", d * answer.unsqueeze(-1), u)
+        want = -0.5 * (grad.T if p.transposed else grad)
+        step = new[p.name] - ed.model.get_parameter(p.name)
+        assert torch.allclose(step, want, atol=1e-6 + 1e-4 * float(want.abs().max())), p.name
+        differs += not torch.allclose(step, new_plain[p.name] - ed.model.get_parameter(p.name))
+    assert differs > 0  # the prompt's positions carry gradient in the plain step
+    assert_unchanged(ed.model, before)
+    t5 = make_editor("enn", "tiny-t5", first_order=True, rows="target")
+    with pytest.raises(MetaEditError, match="causal"):
+        t5.apply_edits(t5.formatter.batch(["The capital of France is"], ["Rome"]), [EditRequest("The capital of France is", "Rome")])
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])
 def test_enn_checkpoint_round_trips_and_holds_only_the_trained_subset(make_editor, tiny, tmp_path, name, record_property):
     ed = make_editor("enn", name, train_pattern=r".*final_layer_norm\.weight|transformer\.ln_f\.weight")

@@ -5,6 +5,9 @@ For y = W u the gradient of a row's loss is Σ_t δ_t u_tᵀ over its positions.
 position (the plain gradient); "subject" / "subject_last" keep the subject's tokens / its last token
 on the stream the prompt is read on: neighbourhood prompts share the edit's template, not its
 subject, so an update built from the subject's key moves their answers less (DESIGN §2, locality).
+"target" keeps the positions whose logits score the answer (a causal LM's last prompt token and
+the target's own tokens but the last): MALMEN's placement at the last blocks, where the answer is
+written rather than recalled.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from metaedit.losses import nll
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
-GRADIENT_ROWS = ("nonpad", "subject", "subject_last")
+GRADIENT_ROWS = ("nonpad", "subject", "subject_last", "target")
 
 
 def check_rows(method: str, rows: str) -> None:
@@ -47,7 +50,11 @@ def per_edit_gradients(
     (`requests` give the subjects, `formatter` their token positions). `summed`: the batch's total
     [d_out, d_in] instead, without materialising one matrix per edit."""
     keep = None
-    if rows != "nonpad":
+    if rows == "target":
+        if edit.decoder_input_ids is not None:
+            raise MetaEditError("rows='target' is for causal LMs (a seq2seq decoder's rows are its targets already)")
+        keep = edit.targets != -100
+    elif rows != "nonpad":
         if requests is None or len(requests) != len(edit) or formatter is None:
             raise MetaEditError(f"rows={rows!r} needs the tokenizer and one edit request per edit")
         keep = subject_row_mask(formatter, edit, requests, last_only=rows == "subject_last")

@@ -80,7 +80,7 @@ class KEEditor(Editor):
         anneal_factor: float = 0.8,
         success_decay: float = 0.95,
         embed_lr: float | None = None,
-        rows: Literal["nonpad", "subject", "subject_last"] = "nonpad",
+        rows: Literal["nonpad", "subject", "subject_last", "target"] = "nonpad",
         key_whitening: float | None = None,
         stats: StatsSpec | dict[str, Any] | None = None,
     ) -> None:
