@@ -188,7 +188,7 @@ def test_enn_subject_last_rows_step_along_the_subjects_gradient_only(make_editor
 
 def test_enn_target_rows_step_along_the_answer_positions_gradient_only(make_editor):
     """rows=target: θ' − θ = −α Σ_i Σ_t δ_it u_itᵀ over the positions whose logits score the answer
-    (targets ≠ −100), not the prompt's earlier positions; a seq2seq model is refused."""
+    (targets ≠ −100), not the prompt's earlier positions; a seq2seq model is refused when built."""
     from metaedit.hooks import capture_layer_io
     from metaedit.types import EditRequest
 
@@ -214,9 +214,8 @@ def test_enn_target_rows_step_along_the_answer_positions_gradient_only(make_edit
         differs += not torch.allclose(step, new_plain[p.name] - ed.model.get_parameter(p.name))
     assert differs > 0  # the prompt's positions carry gradient in the plain step
     assert_unchanged(ed.model, before)
-    t5 = make_editor("enn", "tiny-t5", first_order=True, rows="target")
-    with pytest.raises(MetaEditError, match="causal"):
-        t5.apply_edits(t5.formatter.batch(["The capital of France is"], ["Rome"]), [EditRequest("The capital of France is", "Rome")])
+    with pytest.raises(MetaEditError, match="causal LMs"):
+        make_editor("enn", "tiny-t5", first_order=True, rows="target")
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5"])

@@ -28,9 +28,12 @@ from metaedit.types import EditRequest, LMBatch, MetaEditError
 GRADIENT_ROWS = ("nonpad", "subject", "subject_last", "target")
 
 
-def check_rows(method: str, rows: str) -> None:
+def check_rows(method: str, rows: str, model: Any) -> None:
     if rows not in GRADIENT_ROWS:
         raise MetaEditError(f"{method} rows must be one of {list(GRADIENT_ROWS)}, got {rows!r}")
+    if rows == "target" and getattr(model.config, "is_encoder_decoder", False):
+        raise MetaEditError(f"{method} rows='target' is for causal LMs: a seq2seq decoder reads only the target, so "
+                            f"its rows are the target's already (use rows=nonpad)")
 
 
 def per_edit_gradients(
@@ -50,9 +53,7 @@ def per_edit_gradients(
     (`requests` give the subjects, `formatter` their token positions). `summed`: the batch's total
     [d_out, d_in] instead, without materialising one matrix per edit."""
     keep = None
-    if rows == "target":
-        if edit.decoder_input_ids is not None:
-            raise MetaEditError("rows='target' is for causal LMs (a seq2seq decoder's rows are its targets already)")
+    if rows == "target":  # a causal LM's (check_rows refuses it for seq2seq)
         keep = edit.targets != -100
     elif rows != "nonpad":
         if requests is None or len(requests) != len(edit) or formatter is None:

@@ -45,8 +45,8 @@ class ENNEditor(Editor):
             tensor whose useful range spans orders of magnitude, and at θ's rate Adam moves it by at
             most ~lr per step (tiny-gpt2, lr 3e-4: α 0.92–1.03 from 1.0 after 1000 steps).
         rows: which positions' (u, δ) pairs make the inner gradient (metaedit/editors/rows.py):
-            "nonpad" the plain gradient, "subject" / "subject_last" the subject's (last) token(s) only.
-            Subject rows need first_order: the masked gradient is built from captured (u, δ), which
+            "nonpad" the plain gradient, "subject" / "subject_last" the subject's (last) token(s) only,
+            "target" the answer-scoring positions (causal LMs). Rows other than nonpad need first_order: the masked gradient is built from captured (u, δ), which
             carry no graph for a second-order outer loss.
         key_whitening: ridge ρ of a ROME-style direction for the step: None (the paper) steps along
             the plain gradient G = Σ δ uᵀ; ρ > 0 steps along G A · ⟨G, G⟩/⟨G, G A⟩ with
@@ -79,7 +79,7 @@ class ENNEditor(Editor):
         stats: StatsSpec | dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, inner_params)
-        check_rows("enn", rows)
+        check_rows("enn", rows, model)
         self.whitening = KeyWhitening(self.method, model, inner_params, key_whitening, stats)
         if rows != "nonpad" and not first_order:
             raise MetaEditError(f"enn rows={rows!r} needs first_order=true (the masked gradient carries no second-order graph)")

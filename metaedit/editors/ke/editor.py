@@ -50,7 +50,8 @@ class KEEditor(Editor):
         rows: which positions' (u, δ) pairs make up ∇W_i: "nonpad" every position (the paper's
             gradient), "subject" / "subject_last" the subject's tokens / its last token on the stream
             the prompt is read on (as MEND's `rows`): neighbours share the edit's template, not its
-            subject, so an update built from the subject's key moves their answers less.
+            subject, so an update built from the subject's key moves their answers less; "target"
+            the positions whose logits score the answer (causal LMs; MALMEN's late placement).
         embed_lr: the outer optimizer's learning rate for the condition encoder's embedding copy
             (None: the trainer's). It starts as the base's pretrained embeddings, the rest of the
             editor from scratch; Adam moves every entry by ~lr per step whatever its scale, so at the
@@ -88,7 +89,7 @@ class KEEditor(Editor):
         self.whitening = KeyWhitening(self.method, model, inner_params, key_whitening, stats)
         if objective not in OBJECTIVES:
             raise MetaEditError(f"ke objective must be one of {OBJECTIVES}, got {objective!r}")
-        check_rows("ke", rows)
+        check_rows("ke", rows, model)
         if embed_lr is not None and embed_lr <= 0:
             raise MetaEditError(f"ke needs embed_lr > 0 or null, got {embed_lr}")
         if lambda_init < 0 or lambda_lr <= 0 or not 0 < margin_min <= margin_init or not 0 < anneal_factor < 1:
