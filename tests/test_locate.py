@@ -467,7 +467,7 @@ def test_facts_corpus_holds_training_facts_only(tmp_path):
     """`python -m metaedit.locate.corpus`: the fact sentences come from train.json alone (val/test
     never reach the statistics), each stated with its true object, once, in a seeded order."""
     from metaedit.data.readers import training_records
-    from metaedit.locate.corpus import fact_sentences
+    from metaedit.locate.corpus import fact_sentences, main
 
     def cf(subject: str, true: str, new: str, neighbour: str, answer: str) -> dict:
         return {"case_id": subject, "requested_rewrite": {"prompt": "The capital of {} is", "subject": subject,
@@ -484,6 +484,11 @@ def test_facts_corpus_holds_training_facts_only(tmp_path):
                                         "The capital of Chile is Santiago.", "Chile's capital is Santiago.",
                                         "The capital of Peru is Lima."])
     assert sentences == fact_sentences(training_records(tmp_path), seed=0) != fact_sentences(training_records(tmp_path), seed=1)
+    main(["--data", str(tmp_path), "--out", str(tmp_path / "corpus"), "--facts-only"])  # no model needed
+    assert [p.name for p in (tmp_path / "corpus").iterdir()] == ["b_facts.txt"]
+    assert (tmp_path / "corpus" / "b_facts.txt").read_text().split("\n") == sentences
+    with pytest.raises(SystemExit):  # without --facts-only the model is required
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "other")])
     with pytest.raises(MetaEditError, match="no train.json"):
         training_records(tmp_path / "nowhere")
 

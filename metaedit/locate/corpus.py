@@ -12,6 +12,8 @@ the evaluation stays held out) put those directions among the preserved ones.
 writes DIR/a_sampled.txt (the sampled corpus the default statistics use, decoded) and
 DIR/b_facts.txt (the facts, one per line, deduplicated, shuffled by --seed); an editor reads it with
 `stats.corpus=DIR stats.n_tokens=N`: the sampled text comes first, the facts fill the rest up to N.
+`--facts-only` writes DIR/b_facts.txt alone, without loading the model (sampling the text takes
+minutes on a CPU), for statistics of the fact sentences only (`--model` is then not needed).
 """
 
 from __future__ import annotations
@@ -63,13 +65,22 @@ def write_corpus(model_name: str, data_dir: Path, out: Path, cache: Path, seed: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model config name, e.g. smollm2-135m")
+    parser.add_argument("--model", help="model config name, e.g. smollm2-135m (not needed with --facts-only)")
     parser.add_argument("--data", required=True, type=Path, help="built dataset directory (its train.json is read)")
     parser.add_argument("--out", required=True, type=Path, help="corpus directory to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--facts-only", action="store_true", help="write b_facts.txt only (no model, no sampled text)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.facts_only:
+        sentences = fact_sentences(training_records(args.data), args.seed)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.out / "b_facts.txt", "\n".join(sentences))
+        print(f"wrote {args.out / 'b_facts.txt'}: {len(sentences)} fact sentences")
+        return
+    if args.model is None:
+        parser.error("--model is required (unless --facts-only)")
     sizes = write_corpus(args.model, args.data, args.out, args.cache_dir or Path(default_cache_dir()), args.seed)
     print(f"wrote {args.out}: {sizes}")
 
