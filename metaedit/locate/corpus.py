@@ -46,6 +46,14 @@ def fact_sentences(records: list[dict[str, Any]], seed: int = 0) -> list[str]:
     return sentences
 
 
+def write_facts(data_dir: Path, out: Path, seed: int = 0) -> list[str]:
+    """Write out/b_facts.txt, the training split's fact sentences (no model needed); returns them."""
+    sentences = fact_sentences(training_records(data_dir), seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "b_facts.txt", "\n".join(sentences))
+    return sentences
+
+
 def write_corpus(model_name: str, data_dir: Path, out: Path, cache: Path, seed: int = 0) -> dict[str, int]:
     """Write the two corpus files; returns their sizes (sentences, sampled chunks, tokens)."""
     from metaedit.locate.stats import StatsSpec, _cached_chunks, corpus_digest
@@ -54,10 +62,8 @@ def write_corpus(model_name: str, data_dir: Path, out: Path, cache: Path, seed: 
     spec = StatsSpec()  # the default statistics' sampled corpus (reused from the cache when there)
     digest, _ = corpus_digest(spec)
     chunks = _cached_chunks(model, tokenizer, spec, cache, fingerprint(model), digest)
-    sentences = fact_sentences(training_records(data_dir), seed)
-    out.mkdir(parents=True, exist_ok=True)
+    sentences = write_facts(data_dir, out, seed)
     write_text_atomic(out / "a_sampled.txt", "\n\n".join(tokenizer.decode(c) for c in chunks))
-    write_text_atomic(out / "b_facts.txt", "\n".join(sentences))
     facts_tokens = sum(len(tokenizer(s)["input_ids"]) + 1 for s in sentences)
     return {"sampled_chunks": len(chunks), "sampled_tokens": sum(map(len, chunks)),
             "fact_sentences": len(sentences), "fact_tokens_about": facts_tokens}
@@ -74,9 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.facts_only:
-        sentences = fact_sentences(training_records(args.data), args.seed)
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.out / "b_facts.txt", "\n".join(sentences))
+        sentences = write_facts(args.data, args.out, args.seed)
         print(f"wrote {args.out / 'b_facts.txt'}: {len(sentences)} fact sentences")
         return
     if args.model is None:
