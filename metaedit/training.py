@@ -106,13 +106,13 @@ def init_from_saved(editor: Editor, path: str | Path, model: Any, tokenizer: Any
     if names != saved_names:
         raise MetaEditError(f"init_from={path}: it edits {saved_names[:3]}... ({len(saved_names)} params) but this run "
                             f"edits {names[:3]}... ({len(names)}); set model.inner_params as it was trained")
-    own = set(editor.state_dict()) - set(saved.state_dict()) if extends else set()
+    own = set(editor.state_dict()) - set(saved.state_dict()) if extends else editor.tensors_new_to(saved)
     try:
-        missing, unexpected = editor.load_state_dict(saved.state_dict(), strict=not extends)
+        missing, unexpected = editor.load_state_dict(saved.state_dict(), strict=not own)
     except RuntimeError as e:
         raise MetaEditError(f"init_from={path}: its tensors do not fit this run's {editor.method} editor "
                             f"(a changed shape setting, e.g. rank?): {str(e).splitlines()[-1].strip()}") from None
-    if unexpected or not set(missing) <= own:  # strict=False may only leave the subclass's own tensors out
+    if unexpected or not set(missing) <= own:  # strict=False may only leave the editor's new tensors out
         raise MetaEditError(f"init_from={path}: its tensors do not fit this run's {editor.method} editor "
                             f"(missing {sorted(set(missing) - own)}, unexpected {sorted(unexpected)})")
     log.info("init_from %s: %d editor tensors loaded (optimizer fresh)%s", path, len(saved.state_dict()),
@@ -128,6 +128,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     editor = build_editor(cfg.method.name, model, model_cfg, _plain(cfg.method.editor) or {}, tokenizer=tokenizer,
                           cache_dir=cfg.paths.cache_dir)
     data = instantiate(cfg.data, formatter=editor.formatter, _recursive_=False)
+    # Built now, before anything reads it: an editor's key statistics or preserved facts may name the
+    # built directory (its train.json) and are read in editor.prepare() or the precision probe's step.
+    data.prepare_data()
     run_dir = Path(cfg.paths.checkpoint_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     resuming = bool(cfg.resume and editor.trainable() and (run_dir / "last.ckpt").is_file())

@@ -202,3 +202,22 @@ def test_a_resumed_train_loader_continues_with_the_batches_it_had_left(make_data
         assert rest == seen[stop : expect_end + n], stop
     # A fresh loader without a restored state starts at the beginning.
     assert [signature(b) for b in loader()] == seen[:n]
+
+
+def test_built_data_dir_resolver_follows_the_data_config_and_its_held_out_tags():
+    """`${built_data_dir:}` (for editor settings that read the training split, e.g. ENN's preserve)
+    is the directory the run's data module builds, so a held-out-relation run never reads the plain
+    build's train.json (which holds the held-out relation's facts)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    import metaedit.data.datamodule  # noqa: F401  (registers the resolver)
+    from tests.conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        for extra in ([], ["data.heldout_relations=[capital]"], ["data=worldfacts_wide"]):
+            cfg = compose(config_name="train", overrides=["+where=${built_data_dir:}", *extra])
+            built = instantiate(cfg.data, formatter=None, _recursive_=False).data_dir
+            assert OmegaConf.to_container(cfg, resolve=True)["where"] == str(built)
+            assert ("heldout-capital" in str(built)) == bool(extra and "heldout" in extra[0])

@@ -3,9 +3,11 @@ no-op, eager attention is selected for it, and its checkpoint is the trained sub
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
+import types
 
 import pytest
 import pytorch_lightning as pl
@@ -241,6 +243,33 @@ def test_enn_checkpoint_round_trips_and_holds_only_the_trained_subset(make_edito
     assert config["hparams"]["train_pattern"]
 
 
+def test_enn_init_from_a_narrower_editor_starts_the_extra_params_from_the_base(make_editor, tiny, tmp_path):
+    """`init_from` a trained ENN into a run that meta-trains more base parameters (a train_pattern
+    added): the saved θ is loaded, the extra θ start at the base's weights; a run meta-training fewer
+    (or other) parameters than the saved editor is refused by name."""
+    from metaedit.training import init_from_saved
+
+    model, tok, _ = tiny("tiny-gpt2")
+    pattern = r"transformer\.ln_f\.weight"
+    narrow = make_editor("enn", "tiny-gpt2")
+    with torch.no_grad():
+        for p in narrow.parameters():
+            p.add_(1e-3)
+    narrow.save_pretrained(str(tmp_path / "narrow"))
+    wide = make_editor("enn", "tiny-gpt2", train_pattern=pattern)
+    init_from_saved(wide, tmp_path / "narrow", model, tok, None)
+    n = len(narrow.trained_names)
+    assert wide.trained_names[:n] == narrow.trained_names and len(wide.trained_names) == n + 1
+    for a, b in zip(wide.theta[:n], narrow.theta):
+        assert torch.equal(a, b)
+    assert torch.equal(wide.log_lrs, narrow.log_lrs)
+    assert torch.equal(wide.theta[n], model.get_parameter(wide.trained_names[n]).detach())
+
+    wide.save_pretrained(str(tmp_path / "wide"))
+    with pytest.raises(MetaEditError, match="do not fit this run's enn editor"):
+        init_from_saved(make_editor("enn", "tiny-gpt2"), tmp_path / "wide", model, tok, None)
+
+
 def test_enn_checkpoint_of_the_inner_params_only(make_editor, tiny, tmp_path, record_property):
     ed = make_editor("enn", "tiny-gpt2")
     with torch.no_grad():
@@ -363,3 +392,87 @@ def test_enn_step_sizes_train_at_their_own_learning_rate_and_are_logged(make_edi
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 2/2")]
     # Progress lines carry the summaries, not the per-tensor details.
     assert re.search(r" state/step_size_max \S+ state/step_size_mean \S+ state/step_size_min \S+$", lines[0]), lines
+
+
+def test_enn_preserve_steps_along_the_whitening_with_the_nearest_training_keys(tiny, tmp_path):
+    """preserve: ENN's step is G A_P · ⟨G, G⟩/⟨G, G A_P⟩ with A_P = (C_ρ + μ K_PᵀK_P)⁻¹, K_P the training
+    facts' answer-position keys nearest the edit's (top_k per row, never a fact about an edited subject,
+    nor, in training, one whose prompt the outer loss scores); with a large μ the preserved keys'
+    outputs barely move while the edit's still do; bad settings are refused; the setting round-trips."""
+    from metaedit.editors.io import build_editor
+    from metaedit.editors.rows import per_edit_gradients
+    from metaedit.locate.solve import regularised
+    from metaedit.locate.stats import StatsSpec, second_moments
+    from metaedit.models.inner_params import resolve_inner_params
+    from metaedit.types import EditRequest
+    from tests.test_editors import WORLD
+    from tests.test_malmen import _fact_records
+
+    model, tok, cfg = tiny("tiny-llama")
+    data = tmp_path / "data"
+    data.mkdir()
+    train_subjects = [s for s in WORLD.subjects if WORLD.split_of[s] == "train"][:12]
+    # The first test subject's own fact is in the bank: editing that subject must never preserve it.
+    (data / "train.json").write_text(json.dumps(_fact_records(train_subjects + TEST_SUBJECTS[:1])))
+    inner = resolve_inner_params(model, [{"container": "model.layers", "depth": [0.0, 1.0], "pattern": r"mlp\.down_proj"}])
+    stats = {"n_tokens": 3000, "seq_len": 64}
+    hp = {"edit_lr": 0.3, "first_order": True, "rows": "target", "key_whitening": 1e-2, "stats": stats}
+    spec = {"data": str(data), "weight": 1.0, "top_k": 3, "max_facts": None}
+    white = build_editor("enn", model, cfg, hp, tokenizer=tok, inner_params=inner, cache_dir=tmp_path)
+    ed = build_editor("enn", model, cfg, {**hp, "preserve": spec}, tokenizer=tok, inner_params=inner, cache_dir=tmp_path)
+    ed.prepare()
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(2))]
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    keys: list[torch.Tensor] = []
+    grads = per_edit_gradients(model, inner, batch, "target", ed.formatter, reqs, summed=True, keys=keys)
+    bank = ed.preserve
+    excluded = bank.excluded_rows([r.subject for r in reqs], batch.prompts)
+    layers = [int(p.module_name.split(".")[2]) for p in inner]
+    moments = second_moments(model, tok, sorted(set(layers)), StatsSpec(**stats), tmp_path)
+    with torch.no_grad():
+        step, plain_step = ed.apply_edits(batch, reqs).params, white.apply_edits(batch, reqs).params
+    for i, (p, ell, g) in enumerate(zip(inner, layers, grads)):
+        rows = bank.nearest(i, keys[i], excluded).unique()
+        assert len(rows) and not any(TEST_SUBJECTS[0] in bank.facts[int(j)].prompt for j in bank._fact_of_row[rows])
+        kp = bank._keys[i][rows].double()
+        a_p = torch.linalg.inv(regularised(moments[ell], 1e-2) + kp.T @ kp)
+        gd = g.double()
+        expected = (gd @ a_p) * ((gd * gd).sum() / (gd * (gd @ a_p)).sum())
+        torch.testing.assert_close(step[p.name] - model.get_parameter(p.name), -0.3 * expected.float(), rtol=1e-3, atol=1e-6)
+    # A large μ: the preserved keys' outputs barely move, the edit's still do.
+    ed.preserve.spec = dataclasses.replace(ed.preserve.spec, weight=1e4)
+    with torch.no_grad():
+        strong = ed.apply_edits(batch, reqs).params
+    i, name = len(inner) - 1, inner[-1].name
+    kp = bank._keys[i][bank.nearest(i, keys[i], excluded).unique()]
+    shift, shift0 = strong[name] - model.get_parameter(name), plain_step[name] - model.get_parameter(name)
+    assert (kp @ shift.T).norm() < 0.05 * (kp @ shift0.T).norm()
+    assert (keys[i] @ shift.T).norm() > 0.2 * (keys[i] @ shift0.T).norm()
+
+    # In training the prompts the outer loss scores are held out of the bank for that step only: the
+    # fact nearest the first edit row is preserved, unless its prompt is one the step scores.
+    scored = bank.facts[int(bank._fact_of_row[bank.nearest(0, keys[0][:1], excluded)[0]])].prompt
+    own = torch.tensor([bank.facts[int(j)].prompt == scored for j in bank._fact_of_row])
+    scored_keys = ed.preserve.scaled_keys(0, own.nonzero().squeeze(-1))
+
+    def preserves_scored() -> bool:
+        cols = ed._preserved(keys, batch, reqs)[0]
+        return bool((torch.cdist(cols.T, scored_keys) == 0).any())
+
+    seen: list[bool] = []
+
+    def objective(b):
+        seen.append(preserves_scored())
+        return torch.zeros((), requires_grad=True), {}
+
+    assert preserves_scored()
+    outer = types.SimpleNamespace(inscope_prompts=[scored], loc_prompts=["elsewhere"])
+    ed.training_loss_and_backward(outer, objective, lambda loss: None)
+    assert seen == [False] and ed._avoid == [] and preserves_scored()
+
+    for bad in ({"rows": "nonpad", "first_order": True}, {"key_whitening": None}):
+        with pytest.raises(MetaEditError, match="enn preserve needs rows=target and key_whitening"):
+            build_editor("enn", model, cfg, {**hp, **bad, "preserve": spec}, tokenizer=tok, inner_params=inner)
+    ed.save_pretrained(str(tmp_path / "ed"))
+    loaded = load_editor(tmp_path / "ed", model=model, tokenizer=tok, cache_dir=tmp_path)
+    assert loaded.preserve.spec is not None and loaded.preserve.spec.top_k == 3

@@ -16,7 +16,7 @@ from metaedit.editors.io import build_editor
 from metaedit.editors.locate_then_edit import LocateEditor
 from metaedit.locate import arch, stats
 from metaedit.locate.solve import alphaedit_delta, null_space_projector, regularised, rome_delta
-from metaedit.locate.stats import StatsSpec, second_moments
+from metaedit.locate.stats import StatsSpec, corpus_chunks, corpus_digest, second_moments
 from metaedit.locate.tokens import subject_token_span
 from metaedit.protocols import Protocol, SequenceCheckpoint, apply_protocol
 from metaedit.types import EditRequest, MetaEditError, SequenceState
@@ -463,9 +463,10 @@ def test_prepare_computes_the_statistics_of_every_edited_layer(tiny, tmp_path):
     assert ed.one_off_costs()["stats_tokens"] == SMALL_STATS["n_tokens"]
 
 
-def test_facts_corpus_holds_training_facts_only(tmp_path):
+def test_facts_corpus_holds_training_facts_only(tmp_path, tiny):
     """`python -m metaedit.locate.corpus`: the fact sentences come from train.json alone (val/test
-    never reach the statistics), each stated with its true object, once, in a seeded order."""
+    never reach the statistics), each stated with its true object, once, in a seeded order; a stats
+    corpus naming the built dataset directory reads the same text in place."""
     from metaedit.data.readers import training_records
     from metaedit.locate.corpus import fact_sentences, main
 
@@ -489,6 +490,14 @@ def test_facts_corpus_holds_training_facts_only(tmp_path):
     assert (tmp_path / "corpus" / "b_facts.txt").read_text().split("\n") == sentences
     with pytest.raises(SystemExit):  # without --facts-only the model is required
         main(["--data", str(tmp_path), "--out", str(tmp_path / "other")])
+    model, tok, _ = tiny("tiny-llama")
+    from_file = corpus_chunks(model, tok, StatsSpec(corpus=str(tmp_path / "corpus"), n_tokens=500))
+    with pytest.raises(MetaEditError, match="built dataset directory"):
+        corpus_chunks(model, tok, StatsSpec(corpus=str(tmp_path / "nowhere"), n_tokens=500))
+    (tmp_path / "manifest.json").write_text("{}")
+    spec = StatsSpec(corpus=str(tmp_path), n_tokens=500)
+    assert corpus_chunks(model, tok, spec) == from_file
+    assert "Japan" not in tok.decode(sum(from_file, [])) and "training facts" in corpus_digest(spec)[1]
     with pytest.raises(MetaEditError, match="no train.json"):
         training_records(tmp_path / "nowhere")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from metaedit.data.formatting import Formatter
@@ -23,6 +24,19 @@ from metaedit.types import EditBatch, EditRequest, MetaEditError
 from metaedit.utils import file_lock
 
 log = logging.getLogger(__name__)
+
+
+def _built_data_dir(*, _root_: Any) -> str:
+    """`${built_data_dir:}` in a config: the directory this run's data is built in (the data config's
+    data_dir with its version and held-out tags), so that an editor setting naming the training split
+    (ENN's preserve.data, a stats corpus) follows data=... and its held-out relations instead of
+    pointing at another build, whose train.json may hold this run's test facts."""
+    from hydra.utils import instantiate
+
+    return str(instantiate(_root_.data, formatter=None, _recursive_=False).data_dir)
+
+
+OmegaConf.register_new_resolver("built_data_dir", _built_data_dir, replace=True)
 SPLITS = ("train", "val", "test")
 
 

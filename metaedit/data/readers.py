@@ -6,6 +6,7 @@ deep inside training.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,16 @@ def training_records(data_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise MetaEditError(f"{data_dir}: no train.json (a built dataset directory, e.g. data/worldfacts_wide-v3)")
     return read_built_split(path)
+
+
+def fact_sentences(records: list[dict[str, Any]], seed: int = 0) -> list[str]:
+    """Every fact a training record states, as "<prompt> <answer>.", deduplicated and shuffled."""
+    out: set[str] = set()
+    for r in records:
+        true = r.get("target_true")
+        if true:
+            out.update(f"{p} {true}." for p in (r["prompt"], *r.get("rephrases", [])))
+        out.update(f"{x['prompt']} {x['answer']}." for x in r.get("locality", []) if x.get("answer"))
+    sentences = sorted(out)
+    random.Random(seed).shuffle(sentences)
+    return sentences

@@ -141,6 +141,13 @@ class Editor(nn.Module, ABC):
         by metric name (minutes as `*_min`); evaluation reports it beside edit_ms. Default: none."""
         return {}
 
+    def tensors_new_to(self, saved: Editor) -> set[str]:
+        """State-dict keys of tensors this editor may start without when it starts from `saved`, an
+        editor of the same method (`train.py init_from=`): tensors a wider setting of this run adds
+        (ENN's extra meta-trained base parameters), which keep their initial values. Default: none,
+        so any missing tensor is an error."""
+        return set()
+
     def state_to_log(self) -> dict[str, Tensor | float]:
         """Scalars of the editor's own training state worth watching (learned step sizes, a Lagrange
         multiplier), by name; the trainer logs each after every optimizer step as

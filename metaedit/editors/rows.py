@@ -45,13 +45,16 @@ def per_edit_gradients(
     requests: Sequence[EditRequest] | None = None,
     params: Mapping[str, Tensor] | None = None,
     summed: bool = False,
+    keys: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """∇W_i of the summed edit loss for each inner matrix and edit i: [n_edits, d_out, d_in], from one
     forward and a backward that stops at the earliest inner layer (capture_layer_io), at the model's
     weights or at `params` (a functional view). Rows of a batch do not interact, so per-edit
     gradients are per-row sums of the captured (u, δ); subject modes sum the subject's positions only
     (`requests` give the subjects, `formatter` their token positions). `summed`: the batch's total
-    [d_out, d_in] instead, without materialising one matrix per edit."""
+    [d_out, d_in] instead, without materialising one matrix per edit. `keys`, when given (rows other
+    than nonpad), receives each inner matrix's kept keys u [kept rows, d_in]: preserve looks up its
+    nearest bank keys by them."""
     keep = None
     if rows == "target":  # a causal LM's (check_rows refuses it for seq2seq)
         keep = edit.targets != -100
@@ -72,4 +75,8 @@ def per_edit_gradients(
         if keep is not None and (p.side == "input" or edit.decoder_input_ids is None):
             u = u * keep.to(u.device).unsqueeze(-1)
         grads.append(torch.einsum("bto,bti->oi" if summed else "bto,bti->boi", d.detach().float(), u))
+        if keys is not None:
+            if keep is None:
+                raise MetaEditError("per_edit_gradients: keys are the kept rows' and need rows other than nonpad")
+            keys.append(u[keep.to(u.device)])
     return grads

@@ -120,14 +120,24 @@ class KeyWhitening:
             w = u @ self.matrices(editor, u)[i]  # A is symmetric
             return w * _projection_kept(u, w, dims=(-1,))
 
-    def gradient(self, editor: Editor, i: int, g: Tensor) -> Tensor:
+    def gradient(self, editor: Editor, i: int, g: Tensor, preserved: Tensor | None = None) -> Tensor:
         """G_w = G A · ⟨G, G⟩/⟨G, G A⟩ for gradients g [..., d_out, d_in] of inner parameter i (one scale
-        per matrix)."""
+        per matrix). `preserved` (U [d_in, m], the preserved keys K_Pᵀ scaled by √μ;
+        metaedit/editors/preserve.py) puts them into A: A_P = (C_ρ + U Uᵀ)⁻¹, so the step moves
+        those keys' outputs little and spends its effect on the directions that separate the edit's
+        key from theirs. By Woodbury, G A_P = G A − (G A U)(I + Uᵀ A U)⁻¹ (A U)ᵀ: an m × m solve
+        per step instead of a d_in × d_in inverse."""
         if not self.enabled:
             return g
         with torch.autocast(g.device.type, enabled=False):
             g = _at_least_float32(g)
-            w = g @ self.matrices(editor, g)[i]
+            a = self.matrices(editor, g)[i]
+            w = g @ a
+            if preserved is not None and preserved.shape[-1] > 0:
+                u = preserved.to(a.dtype)
+                au = a @ u
+                inner = torch.eye(u.shape[-1], dtype=a.dtype, device=a.device) + u.T @ au
+                w = w - (w @ u) @ torch.linalg.solve(inner, au.T)
             return w * _projection_kept(g, w, dims=(-2, -1))
 
 

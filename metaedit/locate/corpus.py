@@ -20,30 +20,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 from pathlib import Path
-from typing import Any
 
-from metaedit.data.readers import training_records
+from metaedit.data.readers import fact_sentences, training_records
 from metaedit.data.records import write_text_atomic
 from metaedit.models.fingerprint import fingerprint
 from metaedit.models.loading import load_base_model, load_model_config
 from metaedit.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
-
-
-def fact_sentences(records: list[dict[str, Any]], seed: int = 0) -> list[str]:
-    """Every fact a training record states, as "<prompt> <answer>.", deduplicated and shuffled."""
-    out: set[str] = set()
-    for r in records:
-        true = r.get("target_true")
-        if true:
-            out.update(f"{p} {true}." for p in (r["prompt"], *r.get("rephrases", [])))
-        out.update(f"{x['prompt']} {x['answer']}." for x in r.get("locality", []) if x.get("answer"))
-    sentences = sorted(out)
-    random.Random(seed).shuffle(sentences)
-    return sentences
 
 
 def write_facts(data_dir: Path, out: Path, seed: int = 0) -> list[str]:

@@ -4,7 +4,8 @@ per (base model, layer, corpus), computed once and cached as safetensors.
 ROME, MEMIT and AlphaEdit need C to tell which key directions existing knowledge uses: ROME's
 update is orthogonal to old keys under C⁻¹, MEMIT weighs the new keys against λC, AlphaEdit
 projects onto C's (near) null space. The corpus must come from this machine (no downloads): a
-user's text files (`corpus=PATH`, a .txt file or a directory of them) or, by default, text
+user's text files (`corpus=PATH`, a .txt file or a directory of them), a built dataset directory
+(the fact sentences of its training split; the editors' key whitening uses these) or, by default, text
 sampled from the base model itself from a fixed list of generic prompt starts with a seeded
 generator — a proxy for the model's own training distribution.
 
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from metaedit.data.readers import fact_sentences, training_records
 from metaedit.hooks import captured, forward_stops_after
 from metaedit.locate.arch import blocks_of, layout_of, out_proj, out_proj_params
 from metaedit.models.fingerprint import fingerprint
@@ -58,7 +60,10 @@ SAMPLING_PROMPTS: tuple[str, ...] = (
 class StatsSpec:
     """How C is estimated. `n_tokens` is the number of key vectors averaged (one per token)."""
 
-    corpus: str | None = None  # a .txt file or a directory of .txt files; None: sampled from the base model
+    # A .txt file or a directory of .txt files; a built dataset directory (its train.json): the fact
+    # sentences of its training split (locate/corpus.py's b_facts.txt, read in place); None: sampled
+    # from the base model.
+    corpus: str | None = None
     n_tokens: int = 100_000
     seq_len: int = 128  # tokens per corpus chunk (and per sampled text)
     batch_size: int = 64  # rows per generate / forward: sampling reads every weight per step, so wide batches amortise it
@@ -100,12 +105,28 @@ class StatsSpec:
         return uses_bf16(self.precision, device)
 
 
+def _is_dataset(corpus: str) -> bool:
+    """A built dataset directory (train.json beside its manifest) rather than a directory of text."""
+    path = Path(corpus)
+    return (path / "train.json").is_file() and (path / "manifest.json").is_file()
+
+
 def _corpus_files(corpus: str) -> list[Path]:
     path = Path(corpus)
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
     if not files:
-        raise MetaEditError(f"stats corpus {corpus!r}: no such .txt file or directory of .txt files")
+        raise MetaEditError(f"stats corpus {corpus!r}: no such .txt file, directory of .txt files or built dataset "
+                            "directory (train.json and manifest.json)")
     return files
+
+
+def _corpus_texts(corpus: str) -> list[tuple[str, str]]:
+    """(name, text) of each document of a file or dataset corpus. A dataset gives one document, its
+    training facts one per line, as `python -m metaedit.locate.corpus --facts-only` writes them; only
+    train.json is read, so no val/test fact informs C."""
+    if _is_dataset(corpus):
+        return [("train-facts", "\n".join(fact_sentences(training_records(corpus))))]
+    return [(f.name, f.read_text(errors="replace")) for f in _corpus_files(corpus)]
 
 
 def corpus_digest(spec: StatsSpec, bf16: bool = False) -> tuple[str, str]:
@@ -116,7 +137,11 @@ def corpus_digest(spec: StatsSpec, bf16: bool = False) -> tuple[str, str]:
     h = hashlib.sha256()
     if bf16:
         h.update(b"precision=bf16\0")
-    if spec.corpus is not None:
+    if spec.corpus is not None and _is_dataset(spec.corpus):
+        for name, text in _corpus_texts(spec.corpus):
+            h.update(name.encode() + b"\0" + text.encode() + b"\0")
+        desc = f"the training facts of {spec.corpus}"
+    elif spec.corpus is not None:
         files = _corpus_files(spec.corpus)
         for f in files:
             h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
@@ -179,7 +204,7 @@ def corpus_chunks(model: nn.Module, tokenizer: Any, spec: StatsSpec) -> list[lis
     """The corpus as token chunks of at most `seq_len`, `n_tokens` tokens in all (fewer if the
     corpus is shorter)."""
     if spec.corpus is not None:
-        texts = [f.read_text(errors="replace") for f in _corpus_files(spec.corpus)]
+        texts = [text for _, text in _corpus_texts(spec.corpus)]
     else:
         texts = sample_corpus(model, tokenizer, spec)
     chunks: list[list[int]] = []

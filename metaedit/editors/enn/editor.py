@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from metaedit.editors.base import Editor
+from metaedit.editors.preserve import PreservedKeys, PreserveSpec
 from metaedit.editors.rows import check_rows, per_edit_gradients
 from metaedit.editors.whitening import KeyWhitening
 from metaedit.functional import EditedModel, forward_logits, swapped_params
@@ -58,6 +59,13 @@ class ENNEditor(Editor):
             about as much as it lands the edit on SmolLM2 (README "ENN and KE on SmolLM2").
         stats: how C is estimated (metaedit.locate.stats.StatsSpec; default: text sampled from the
             base model itself, nothing from the edit data).
+        preserve: None, or where preserved facts come from (metaedit/editors/preserve.py, as
+            MALMEN's): the keys of the training facts nearest each edit's answer-position keys join
+            C, so that A = (C_ρ + μ K_PᵀK_P)⁻¹ and the step leaves those keys' outputs (nearly)
+            unmoved. At the answer position one relation's prompts share most of their key, so
+            whitening by C alone still writes the edit into its neighbours (SmolLM2, blocks 24–29,
+            untrained step: ns 0.23 at es 1.00; 0.62 at es 0.97 with preserve). Needs rows=target
+            and key_whitening.
     """
 
     method = "enn"
@@ -78,10 +86,18 @@ class ENNEditor(Editor):
         rows: str = "nonpad",
         key_whitening: float | None = None,
         stats: StatsSpec | dict[str, Any] | None = None,
+        preserve: PreserveSpec | dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, inner_params)
         check_rows("enn", rows, model)
         self.whitening = KeyWhitening(self.method, model, inner_params, key_whitening, stats)
+        self.preserve = PreservedKeys(model, self.inner_params, preserve)
+        if self.preserve.enabled and (rows != "target" or not self.whitening.enabled):
+            raise MetaEditError(f"enn preserve needs rows=target and key_whitening (the bank holds answer-position "
+                                f"keys, weighed against the whitening's C); got rows={rows!r}, key_whitening={key_whitening}")
+        # The prompts the outer loss scores in the current training step, never preserved (they
+        # stand for unseen neighbours); set by training_loss_and_backward.
+        self._avoid: list[str] = []
         if rows != "nonpad" and not first_order:
             raise MetaEditError(f"enn rows={rows!r} needs first_order=true (the masked gradient carries no second-order graph)")
         if edit_lr <= 0 or n_steps < 1 or c_base < 0 or (step_size_lr is not None and step_size_lr <= 0):
@@ -106,7 +122,8 @@ class ENNEditor(Editor):
     def hparams(self) -> dict[str, Any]:
         return {"edit_lr": self.edit_lr_init, "n_steps": self.n_steps, "first_order": self.first_order,
                 "c_base": self.c_base, "train_pattern": self.train_pattern, "step_size_lr": self.step_size_lr, "rows": self.rows,
-                "key_whitening": self.whitening.rho, "stats": self.whitening.stats.to_dict()}
+                "key_whitening": self.whitening.rho, "stats": self.whitening.stats.to_dict(),
+                "preserve": None if self.preserve.spec is None else self.preserve.spec.to_dict()}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         theta = [p for p in self.parameters() if p.requires_grad and p is not self.log_lrs]
@@ -116,18 +133,53 @@ class ENNEditor(Editor):
         return [{"params": theta, "lr": lr}, step_sizes]
 
     def prepare(self) -> None:
-        """The key statistics, when key_whitening is on (computed once per base model, then cached)."""
+        """The key statistics, when key_whitening is on, and the preserved facts' keys, when preserve
+        is (each computed once per base model and data, then cached)."""
         self.whitening.prepare(self)
+        self.preserve.prepare(self)
 
-    def _whiten(self, grads: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        """Each inner gradient along A (key_whitening), in the stored layout (Conv1D: [d_in, d_out])."""
+    def training_loss_and_backward(
+        self,
+        batch: EditBatch,
+        objective: Callable[..., tuple[Tensor, dict[str, Tensor]]],
+        backward: Callable[..., None],
+    ) -> dict[str, Tensor]:
+        self._avoid = [*batch.inscope_prompts, *batch.loc_prompts] if self.preserve.enabled else []
+        try:
+            return super().training_loss_and_backward(batch, objective, backward)
+        finally:
+            self._avoid = []
+
+    def _preserved(self, keys: Sequence[Tensor], edit: LMBatch, requests: Sequence[EditRequest]) -> list[Tensor | None]:
+        """√μ K_Pᵀ [d_in, m] per inner parameter: the bank keys nearest the edit rows' keys, never of a
+        fact about an edited subject or whose prompt is the edit's or one the outer loss scores."""
+        self.preserve.prepare(self)
+        excluded = self.preserve.excluded_rows([r.subject for r in requests], [*(edit.prompts or ()), *self._avoid])
+        out: list[Tensor | None] = []
+        for i, k in enumerate(keys):
+            rows = self.preserve.nearest(i, k, excluded).unique()
+            out.append(self.preserve.scaled_keys(i, rows).T if len(rows) else None)
+        return out
+
+    def _whiten(self, grads: Sequence[Tensor], preserved: Sequence[Tensor | None] | None = None) -> tuple[Tensor, ...]:
+        """Each inner gradient along A (key_whitening; with `preserved` keys, A_P), in the stored
+        layout (Conv1D: [d_in, d_out])."""
         if not self.whitening.enabled:
             return tuple(grads)
         out = []
         for i, (p, g) in enumerate(zip(self.inner_params, grads)):
-            w = self.whitening.gradient(self, i, g.T if p.transposed else g)
+            w = self.whitening.gradient(self, i, g.T if p.transposed else g, None if preserved is None else preserved[i])
             out.append(w.T if p.transposed else w)
         return tuple(out)
+
+    def tensors_new_to(self, saved: Editor) -> set[str]:
+        # A run that meta-trains more base parameters than `saved` did (a train_pattern added to a
+        # trained editor) starts those from the base's weights, as a fresh run would: θ lists the
+        # inner params first, then the extra ones, so saved's θ must be a prefix of this run's.
+        old = getattr(saved, "trained_names", None)
+        if old is None or self.trained_names[:len(old)] != old:
+            return set()
+        return {f"theta.{i}" for i in range(len(old), len(self.trained_names))}
 
     # At most this many inner tensors get a logged step size each (the defaults edit 6–12 tensors).
     LOG_EACH_STEP_SIZE_UP_TO: ClassVar[int] = 12
@@ -178,15 +230,19 @@ class ENNEditor(Editor):
         names = self.trained_names[: len(self.inner_params)]
         lrs = self.log_lrs.exp()
         for _ in range(self.n_steps):
+            preserved = None
             if self.rows != "nonpad":  # first order only (checked in __init__)
                 view = {n: v.detach() for n, v in params.items()}
+                keys: list[Tensor] | None = [] if self.preserve.enabled else None
                 total = per_edit_gradients(self.model, self.inner_params, edit, self.rows, self.formatter, requests,
-                                           view, summed=True)
+                                           view, summed=True, keys=keys)
                 # [d_out, d_in] back to the stored layout (Conv1D: [d_in, d_out]).
                 grads = tuple(g.T if p.transposed else g for p, g in zip(self.inner_params, total))
+                if keys is not None:
+                    preserved = self._preserved(keys, edit, requests)
             else:
                 grads = self._plain_gradients(edit, params, names, second_order)
-            grads = self._whiten(grads)
+            grads = self._whiten(grads, preserved)
             with torch.set_grad_enabled(meta):
                 for i, (n, g) in enumerate(zip(names, grads)):
                     params[n] = params[n] - (lrs[i] * g).to(params[n].dtype)

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from metaedit.editors.malmen.preserve import PreservedKeys, PreserveSpec
 from metaedit.editors.mend import MENDEditor
 from metaedit.editors.mend.editor import RowsMode
+from metaedit.editors.preserve import PreservedKeys, PreserveSpec
 from metaedit.editors.whitening import KeyWhitening
 from metaedit.functional import EditedModel
 from metaedit.locate.stats import StatsSpec
@@ -95,7 +95,7 @@ class MALMENEditor(MENDEditor):
         edit_steps: solves per edit at edit time (training learns one): each further solve reads every
             edit's key and gradient on the model the earlier ones edited; it stops once every edit's
             target is the greedy answer.
-        preserve: None, or where preserved facts come from (metaedit.editors.malmen.preserve): the
+        preserve: None, or where preserved facts come from (metaedit.editors.preserve): the
             solve also fits the keys of the training split's true facts nearest each edit's keys to
             a zero shift, with weight μ, so that what it writes for one subject spares its neighbours.
         keep_earlier: μ_E ≥ 0, for sequential editing (`edit_sequential`, protocol=sequential): the

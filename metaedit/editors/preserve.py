@@ -1,4 +1,5 @@
-"""Preserved keys for MALMEN's solve: the keys of known true facts near the edits, fitted to a zero shift.
+"""Preserved keys: the keys of known true facts near the edits, which an update must leave unmoved.
+Used by MALMEN's solve (fitted to a zero shift) and ENN's step (kept out of its key direction).
 
 MALMEN's solve fits every edit's key to its value shift and keeps the rest of the weight by a ridge
 penalty (e^λ I, or the keys' second moment C with key_covariance). Neither says which *other* inputs
@@ -11,13 +12,16 @@ edit's subject from its neighbours:
 
     min ‖K ΔWᵀ − D‖² + μ‖K_P ΔWᵀ‖² + e^λ tr(ΔW R ΔWᵀ)   →   ΔWᵀ = (KᵀK + μ K_PᵀK_P + e^λ R)⁻¹ KᵀD
 
+ENN's gradient step has the same problem and takes the same keys through its whitening
+(metaedit/editors/whitening.py): G (C + μ K_PᵀK_P)⁻¹ instead of G C⁻¹.
+
 K_P: for every edit row and inner layer, the `top_k` bank keys of that layer nearest by cosine, once
 each. The bank is the answer-position keys (the rows a `rows=target` edit uses: the prompt's last
 token through the answer's second-to-last) of the facts a built dataset's *training* split states
 (edit prompts and rephrases with their true objects, neighbourhood prompts with their answers), read
 on the base model. A fact that names an edited subject, or whose prompt is one of the batch's own
 prompts, is left out: it is the fact being changed, or (in training) a prompt the outer loss scores,
-which the solve must not be shown — at test time the neighbours it is scored on are unseen too.
+which the update must not be shown — at test time the neighbours it is scored on are unseen too.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PreserveSpec:
-    """Where the preserved facts come from and how much they weigh (MALMEN's `preserve` option).
+    """Where the preserved facts come from and how much they weigh (MALMEN's and ENN's `preserve` option).
 
     data: a built dataset directory; only its train.json is read.
     weight: μ, each preserved key's weight against an edit row's (both are fitted in one least squares).
@@ -71,11 +75,11 @@ class PreserveSpec:
 
     def __post_init__(self) -> None:
         if not self.weight > 0:
-            raise MetaEditError(f"malmen preserve.weight must be > 0, got {self.weight}")
+            raise MetaEditError(f"preserve.weight must be > 0, got {self.weight}")
         if self.top_k < 1:
-            raise MetaEditError(f"malmen preserve.top_k must be >= 1, got {self.top_k}")
+            raise MetaEditError(f"preserve.top_k must be >= 1, got {self.top_k}")
         if self.max_facts is not None and self.max_facts < 1:
-            raise MetaEditError(f"malmen preserve.max_facts must be >= 1 or null, got {self.max_facts}")
+            raise MetaEditError(f"preserve.max_facts must be >= 1 or null, got {self.max_facts}")
 
     @classmethod
     def coerce(cls, value: PreserveSpec | dict[str, Any] | None) -> PreserveSpec | None:
@@ -84,7 +88,7 @@ class PreserveSpec:
         try:
             return cls(**dict(value))
         except TypeError as e:
-            raise MetaEditError(f"malmen preserve: {e} (fields: data, weight, top_k, max_facts, seed, batch_size)") from None
+            raise MetaEditError(f"preserve: {e} (fields: data, weight, top_k, max_facts, seed, batch_size)") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,7 +114,7 @@ def training_facts(data_dir: str, max_facts: int | None = None, seed: int = 0) -
     out = sorted(facts.values(), key=lambda f: f.prompt)
     random.Random(seed).shuffle(out)
     if not out:
-        raise MetaEditError(f"malmen preserve.data {data_dir}: its training split states no fact with a true answer")
+        raise MetaEditError(f"preserve.data {data_dir}: its training split states no fact with a true answer")
     return out[:max_facts] if max_facts is not None else out
 
 
@@ -137,7 +141,7 @@ class PreservedKeys:
         if self.spec is None or self._keys is not None:
             return
         if editor.formatter is None:
-            raise MetaEditError("malmen preserve needs the tokenizer (the bank reads fact prompts); load the editor with one")
+            raise MetaEditError("preserve needs the tokenizer (the bank reads fact prompts); load the editor with one")
         self.facts = training_facts(self.spec.data, self.spec.max_facts, self.spec.seed)
         names = [p.module_name for p in self.inner_params]
         digest = hashlib.sha256(json.dumps({
@@ -149,7 +153,7 @@ class PreservedKeys:
             cached = self._load(path, len(names))
             if cached is not None:
                 keys, owners = cached
-                log.info("malmen preserve bank: %d keys of %d training facts from %s", owners.numel(), len(self.facts), path)
+                log.info("preserve bank: %d keys of %d training facts from %s", owners.numel(), len(self.facts), path)
             else:
                 keys, owners = self._read(editor)
                 save_tensors({**{f"keys.{i}": k.contiguous() for i, k in enumerate(keys)}, "owner": owners}, path)
@@ -165,10 +169,10 @@ class PreservedKeys:
             saved = load_file(str(path))
             keys, owners = [saved[f"keys.{i}"] for i in range(n_layers)], saved["owner"]
         except Exception as e:  # a truncated or foreign file: rebuild rather than fail deep in safetensors
-            log.warning("malmen preserve bank cache %s is unreadable (%s): reading the facts again", path, e)
+            log.warning("preserve bank cache %s is unreadable (%s): reading the facts again", path, e)
             return None
         if any(k.shape[0] != owners.shape[0] for k in keys):
-            log.warning("malmen preserve bank cache %s is inconsistent: reading the facts again", path)
+            log.warning("preserve bank cache %s is inconsistent: reading the facts again", path)
             return None
         return keys, owners
 
@@ -196,8 +200,8 @@ class PreservedKeys:
             for i, p in enumerate(self.inner_params):
                 keys[i].append(io[p.module_name][0][rows].float().cpu())
             if (start // step) % 10 == 0 or start + step >= len(self.facts):
-                log.info("malmen preserve bank: %s", progress.line(min(start + step, len(self.facts))))
-        log.info("malmen preserve bank: %d keys of %d training facts per layer, read in %.1f s",
+                log.info("preserve bank: %s", progress.line(min(start + step, len(self.facts))))
+        log.info("preserve bank: %d keys of %d training facts per layer, read in %.1f s",
                  sum(len(o) for o in owners), len(self.facts), time.perf_counter() - t0)
         return [torch.cat(k) for k in keys], torch.cat(owners)
 
@@ -227,6 +231,11 @@ class PreservedKeys:
         if kept == 0:
             return torch.zeros(0, dtype=torch.long, device=keys.device)
         return sims.topk(kept, dim=-1).indices.reshape(-1)
+
+    def scaled_keys(self, i: int, rows: Tensor) -> Tensor:
+        """√μ K_P [rows, d_in] for the bank rows `rows` of inner layer i, float32 (K_PᵀK_P is their Gram)."""
+        assert self._keys is not None and self.spec is not None
+        return self.spec.weight ** 0.5 * self._keys[i][rows]
 
     def gram(self, i: int, rows: Tensor) -> Tensor:
         """μ K_PᵀK_P [d_in, d_in] over the bank rows `rows` (each once) of inner layer i, float32."""
