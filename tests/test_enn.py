@@ -476,3 +476,23 @@ def test_enn_preserve_steps_along_the_whitening_with_the_nearest_training_keys(t
     ed.save_pretrained(str(tmp_path / "ed"))
     loaded = load_editor(tmp_path / "ed", model=model, tokenizer=tok, cache_dir=tmp_path)
     assert loaded.preserve.spec is not None and loaded.preserve.spec.top_k == 3
+
+
+def test_enn_edit_steps_take_more_inner_steps_at_edit_time_only(make_editor):
+    """edit_steps: at edit time (eval mode) the editor takes that many inner steps — the same edit as an
+    editor meta-trained for that many — while meta-training (train mode) keeps n_steps."""
+    one = make_editor("enn", "tiny-gpt2", edit_lr=0.3, first_order=True)
+    two = make_editor("enn", "tiny-gpt2", edit_lr=0.3, first_order=True, n_steps=2)
+    both = make_editor("enn", "tiny-gpt2", edit_lr=0.3, first_order=True, edit_steps=2)
+    reqs = requests(2)
+    batch = one.formatter.batch(*zip(*reqs))
+    with torch.no_grad():
+        by_one, by_two = one.eval().apply_edits(batch, []).params, two.eval().apply_edits(batch, []).params
+        by_both = both.eval().apply_edits(batch, []).params
+        trained = both.train().apply_edits(batch, []).params
+    for n in by_one:
+        assert torch.allclose(by_both[n], by_two[n], rtol=1e-5, atol=1e-7)
+        assert torch.equal(trained[n], by_one[n]) and not torch.allclose(by_one[n], by_two[n])
+    assert both.hparams()["edit_steps"] == 2
+    with pytest.raises(MetaEditError, match="edit_steps >= 1"):
+        make_editor("enn", "tiny-gpt2", edit_steps=0)

@@ -37,6 +37,10 @@ class ENNEditor(Editor):
     Args:
         edit_lr: initial step size α (stored as log α: positive, and spans orders of magnitude).
         n_steps: inner gradient steps k.
+        edit_steps: inner steps at edit time, outside meta-training (None: n_steps). Meta-training
+            learns θ and α for k steps; one more step at edit time pushes further only the edits the
+            first did not land (a landed edit's gradient is small): SmolLM2, blocks 24–29, one step
+            trained, two at edit time: es 0.935 → 1.000, ps 0.807 → 0.872, ns 0.803 → 0.759.
         first_order: detach the inner gradient (first-order MAML): dθ'/dθ = I, dθ'/dα = −∇L.
         c_base: weight of KL(p_θ0 ‖ p_θ) on the locality inputs (the original stays frozen).
         train_pattern: regex over base parameter names meta-trained in addition to the inner params
@@ -79,6 +83,7 @@ class ENNEditor(Editor):
         inner_params: Sequence[InnerParam],
         edit_lr: float = 1e-3,
         n_steps: int = 1,
+        edit_steps: int | None = None,
         first_order: bool = False,
         c_base: float = 1.0,
         train_pattern: str | None = None,
@@ -100,9 +105,11 @@ class ENNEditor(Editor):
         self._avoid: list[str] = []
         if rows != "nonpad" and not first_order:
             raise MetaEditError(f"enn rows={rows!r} needs first_order=true (the masked gradient carries no second-order graph)")
-        if edit_lr <= 0 or n_steps < 1 or c_base < 0 or (step_size_lr is not None and step_size_lr <= 0):
-            raise MetaEditError(f"enn needs edit_lr > 0, n_steps >= 1, c_base >= 0, step_size_lr > 0 or null; "
-                                f"got {edit_lr}, {n_steps}, {c_base}, {step_size_lr}")
+        if edit_lr <= 0 or n_steps < 1 or c_base < 0 or (step_size_lr is not None and step_size_lr <= 0) or (
+                edit_steps is not None and edit_steps < 1):
+            raise MetaEditError(f"enn needs edit_lr > 0, n_steps >= 1, edit_steps >= 1 or null, c_base >= 0, step_size_lr > 0 "
+                                f"or null; got {edit_lr}, {n_steps}, {edit_steps}, {c_base}, {step_size_lr}")
+        self.edit_steps = None if edit_steps is None else int(edit_steps)
         self.edit_lr_init, self.n_steps, self.first_order = edit_lr, n_steps, first_order
         self.c_base, self.train_pattern, self.step_size_lr, self.rows = c_base, train_pattern, step_size_lr, rows
         inner_names = [p.name for p in self.inner_params]
@@ -120,7 +127,7 @@ class ENNEditor(Editor):
         self.log_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(edit_lr)).log())
 
     def hparams(self) -> dict[str, Any]:
-        return {"edit_lr": self.edit_lr_init, "n_steps": self.n_steps, "first_order": self.first_order,
+        return {"edit_lr": self.edit_lr_init, "n_steps": self.n_steps, "edit_steps": self.edit_steps, "first_order": self.first_order,
                 "c_base": self.c_base, "train_pattern": self.train_pattern, "step_size_lr": self.step_size_lr, "rows": self.rows,
                 "key_whitening": self.whitening.rho, "stats": self.whitening.stats.to_dict(),
                 "preserve": None if self.preserve.spec is None else self.preserve.spec.to_dict()}
@@ -229,7 +236,8 @@ class ENNEditor(Editor):
         params = self.current_params()
         names = self.trained_names[: len(self.inner_params)]
         lrs = self.log_lrs.exp()
-        for _ in range(self.n_steps):
+        steps = self.n_steps if self.training or self.edit_steps is None else self.edit_steps
+        for _ in range(steps):
             preserved = None
             if self.rows != "nonpad":  # first order only (checked in __init__)
                 view = {n: v.detach() for n, v in params.items()}
