@@ -300,16 +300,18 @@ def test_smollm2_mend_recipe_resolves_on_a_shallow_llama(tiny):
     assert [u.shape[0] for u, _ in rows] == [2]
 
 
-@pytest.mark.parametrize("method, expect", [
-    ("enn", {"first_order": True}),
-    ("ke", {"rows": "nonpad", "init_lr": 0.1}),
-    ("ke_constrained", {"rows": "nonpad", "init_lr": 0.1, "margin_init": 0.06, "lambda_init": 3.0}),
+@pytest.mark.parametrize("method, blocks, expect", [
+    ("enn", range(24, 30), {"first_order": True, "rows": "target", "key_whitening": 0.01, "edit_steps": None}),
+    ("ke", range(3, 8), {"rows": "nonpad", "init_lr": 0.1}),
+    ("ke_constrained", range(3, 8), {"rows": "nonpad", "init_lr": 0.1, "margin_init": 0.06, "lambda_init": 3.0}),
 ])
-def test_smollm2_enn_and_ke_recipes_build_working_editors(tiny, method, expect):
-    """`python train.py method=enn|ke|ke_constrained` on SmolLM2 composes its tuning file: blocks 3-7's
-    down_proj on SmolLM2's 30 blocks, the file's editor settings reach the editor, and the editor it
-    builds (untrained, on a tiny llama) changes the edited prompt's output without touching the base."""
+def test_smollm2_enn_and_ke_recipes_build_working_editors(tiny, tmp_path, method, blocks, expect):
+    """`python train.py method=enn|ke|ke_constrained` on SmolLM2 composes its tuning file: the down_proj
+    of its blocks on SmolLM2's 30 blocks, the file's editor settings reach the editor (ENN's statistics
+    and preserved facts from the run's own built data), and the editor it builds (untrained, on a tiny
+    llama, here with the synthetic data) changes the edited prompt's output without touching the base."""
     from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -319,17 +321,25 @@ def test_smollm2_enn_and_ke_recipes_build_working_editors(tiny, method, expect):
     from metaedit.types import EditRequest
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"method={method}", "model=smollm2-135m"])
+        cfg = compose("train", overrides=[f"method={method}", "model=smollm2-135m", "data=synthetic",
+                                          f"paths.data_dir={tmp_path}"])
     spec = OmegaConf.to_container(cfg.model.inner_params)
     smol_shape = AutoConfig.for_model("llama", num_hidden_layers=30, hidden_size=32, intermediate_size=48,
                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
     assert [p.name for p in resolve_inner_params(AutoModelForCausalLM.from_config(smol_shape), spec)] == [
-        f"model.layers.{i}.mlp.down_proj.weight" for i in range(3, 8)]
-    assert cfg.method.optim.schedule == "cosine" and cfg.method.loss.c_ns == (0.0 if method == "enn" else 0.2)
+        f"model.layers.{i}.mlp.down_proj.weight" for i in blocks]
+    assert cfg.method.optim.schedule == "cosine" and cfg.method.loss.c_ns == 0.2
     model, tok, model_cfg = tiny("tiny-llama")
-    ed = build_editor(method, model, model_cfg, OmegaConf.to_container(cfg.method.editor), tokenizer=tok,
-                      inner_params=resolve_inner_params(model, spec))
+    data = instantiate(cfg.data, formatter=None, _recursive_=False)
+    data.prepare_data()
+    hparams = OmegaConf.to_container(cfg.method.editor, resolve=True)
+    inner = resolve_inner_params(model, [{"container": "model.layers", "depth": [0.0, 1.0], "pattern": r"mlp\.down_proj"}]
+                                 if method == "enn" else spec)  # tiny-llama has too few blocks for 24-29
+    ed = build_editor(method, model, model_cfg, hparams, tokenizer=tok, inner_params=inner, cache_dir=tmp_path)
     assert {k: ed.hparams()[k] for k in expect} == expect
+    if method == "enn":
+        assert hparams["preserve"]["data"] == hparams["stats"]["corpus"] == str(data.data_dir)
+        assert ed.preserve.spec is not None and ed.preserve.spec.top_k == 32
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     reqs = [EditRequest(p, t, s) for (p, t), s in zip(requests(2), TEST_SUBJECTS)]
     batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])

@@ -1,16 +1,21 @@
 """Scratch probe (session 47; ENN preserve before it was an editor option — the option reproduces it): untrained ENN step (rows=target, whitening) with the preserved-keys Woodbury term."""
-import os, sys, types, torch
+import sys
+import types
+
+import torch
+
 sys.path.insert(0, "/work/main")
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+
 from metaedit.editors.io import build_editor
-from metaedit.evaluation import evaluate_editor
-from metaedit.models.loading import load_base_model, make_formatter
 from metaedit.editors.preserve import PreservedKeys
 from metaedit.editors.rows import per_edit_gradients
+from metaedit.evaluation import evaluate_editor
+from metaedit.functional import EditedModel, forward_logits
 from metaedit.hooks import capture_layer_io
-from metaedit.functional import forward_logits, EditedModel
+from metaedit.models.loading import load_base_model, make_formatter
 
 mus = [float(x) for x in sys.argv[1].split(",")]
 lrs = [float(x) for x in sys.argv[2].split(",")]
