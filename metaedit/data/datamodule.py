@@ -37,6 +37,7 @@ def _built_data_dir(*, _root_: Any) -> str:
 
 
 OmegaConf.register_new_resolver("built_data_dir", _built_data_dir, replace=True)
+
 SPLITS = ("train", "val", "test")
 
 
