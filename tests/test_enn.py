@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import types
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -18,7 +19,7 @@ from torch import nn
 from metaedit import load_editor
 from metaedit.callbacks import ProgressLog
 from metaedit.editors.enn import ENNEditor
-from metaedit.editors.io import CONFIG, WEIGHTS, model_config_for
+from metaedit.editors.io import CONFIG, WEIGHTS, build_editor, model_config_for
 from metaedit.functional import forward_logits
 from metaedit.losses import exact_correct, nll
 from metaedit.models.inner_params import InnerParam
@@ -394,14 +395,23 @@ def test_enn_step_sizes_train_at_their_own_learning_rate_and_are_logged(make_edi
     assert re.search(r" state/step_size_max \S+ state/step_size_mean \S+ state/step_size_min \S+$", lines[0]), lines
 
 
-def test_enn_preserve_steps_along_the_whitening_with_the_nearest_training_keys(tiny, tmp_path):
-    """preserve: ENN's step is G A_P · ⟨G, G⟩/⟨G, G A_P⟩ with A_P = (C_ρ + μ K_PᵀK_P)⁻¹, K_P the training
-    facts' answer-position keys nearest the edit's (top_k per row, never a fact about an edited subject,
-    nor, in training, one whose prompt the outer loss scores); with a large μ the preserved keys'
-    outputs barely move while the edit's still do; bad settings are refused; the setting round-trips."""
-    from metaedit.editors.io import build_editor
-    from metaedit.editors.rows import per_edit_gradients
-    from metaedit.locate.solve import regularised
+@dataclasses.dataclass
+class PreserveWorld:
+    """A tiny-llama, its down_proj matrices, a training split of capital facts (one of them about the
+    first test subject, which an edit of that subject must never preserve) and two edit requests."""
+
+    model: Any
+    tok: Any
+    cfg: dict
+    inner: list
+    stats: dict
+    spec: dict
+    reqs: list
+    layers: list[int]
+    moments: dict[int, torch.Tensor]  # the layers' key second moments, as the whitening reads them
+
+
+def preserve_world(tiny, tmp_path) -> PreserveWorld:
     from metaedit.locate.stats import StatsSpec, second_moments
     from metaedit.models.inner_params import resolve_inner_params
     from metaedit.types import EditRequest
@@ -412,23 +422,36 @@ def test_enn_preserve_steps_along_the_whitening_with_the_nearest_training_keys(t
     data = tmp_path / "data"
     data.mkdir()
     train_subjects = [s for s in WORLD.subjects if WORLD.split_of[s] == "train"][:12]
-    # The first test subject's own fact is in the bank: editing that subject must never preserve it.
     (data / "train.json").write_text(json.dumps(_fact_records(train_subjects + TEST_SUBJECTS[:1])))
     inner = resolve_inner_params(model, [{"container": "model.layers", "depth": [0.0, 1.0], "pattern": r"mlp\.down_proj"}])
     stats = {"n_tokens": 3000, "seq_len": 64}
-    hp = {"edit_lr": 0.3, "first_order": True, "rows": "target", "key_whitening": 1e-2, "stats": stats}
+    layers = [int(p.module_name.split(".")[2]) for p in inner]
+    moments = second_moments(model, tok, sorted(set(layers)), StatsSpec(**stats), tmp_path)
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(2))]
     spec = {"data": str(data), "weight": 1.0, "top_k": 3, "max_facts": None}
+    return PreserveWorld(model, tok, cfg, inner, stats, spec, reqs, layers, moments)
+
+
+def test_enn_preserve_steps_along_the_whitening_with_the_nearest_training_keys(tiny, tmp_path):
+    """preserve: ENN's step is G A_P · ⟨G, G⟩/⟨G, G A_P⟩ with A_P = (C_ρ + μ K_PᵀK_P)⁻¹, K_P the training
+    facts' answer-position keys nearest the edit's (top_k per row, never a fact about an edited subject,
+    nor, in training, one whose prompt the outer loss scores); with a large μ the preserved keys'
+    outputs barely move while the edit's still do; bad settings are refused; the setting round-trips."""
+    from metaedit.editors.rows import per_edit_gradients
+    from metaedit.locate.solve import regularised
+
+    w = preserve_world(tiny, tmp_path)
+    model, tok, cfg, inner, reqs, spec = w.model, w.tok, w.cfg, w.inner, w.reqs, w.spec
+    hp = {"edit_lr": 0.3, "first_order": True, "rows": "target", "key_whitening": 1e-2, "stats": w.stats}
     white = build_editor("enn", model, cfg, hp, tokenizer=tok, inner_params=inner, cache_dir=tmp_path)
     ed = build_editor("enn", model, cfg, {**hp, "preserve": spec}, tokenizer=tok, inner_params=inner, cache_dir=tmp_path)
     ed.prepare()
-    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(2))]
     batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
     keys: list[torch.Tensor] = []
     grads = per_edit_gradients(model, inner, batch, "target", ed.formatter, reqs, summed=True, keys=keys)
     bank = ed.preserve
     excluded = bank.excluded_rows([r.subject for r in reqs], batch.prompts)
-    layers = [int(p.module_name.split(".")[2]) for p in inner]
-    moments = second_moments(model, tok, sorted(set(layers)), StatsSpec(**stats), tmp_path)
+    layers, moments = w.layers, w.moments
     with torch.no_grad():
         step, plain_step = ed.apply_edits(batch, reqs).params, white.apply_edits(batch, reqs).params
     for i, (p, ell, g) in enumerate(zip(inner, layers, grads)):
@@ -456,7 +479,7 @@ def test_enn_preserve_steps_along_the_whitening_with_the_nearest_training_keys(t
     scored_keys = ed.preserve.scaled_keys(0, own.nonzero().squeeze(-1))
 
     def preserves_scored() -> bool:
-        cols = ed._preserved(keys, batch, reqs)[0]
+        cols = ed.preserve.for_step(ed, keys, batch, reqs)[0]
         return bool((torch.cdist(cols.T, scored_keys) == 0).any())
 
     seen: list[bool] = []
@@ -468,7 +491,7 @@ def test_enn_preserve_steps_along_the_whitening_with_the_nearest_training_keys(t
     assert preserves_scored()
     outer = types.SimpleNamespace(inscope_prompts=[scored], loc_prompts=["elsewhere"])
     ed.training_loss_and_backward(outer, objective, lambda loss: None)
-    assert seen == [False] and ed._avoid == [] and preserves_scored()
+    assert seen == [False] and ed.preserve._avoid == [] and preserves_scored()
 
     for bad in ({"rows": "nonpad", "first_order": True}, {"key_whitening": None}):
         with pytest.raises(MetaEditError, match="enn preserve needs rows=target and key_whitening"):

@@ -234,3 +234,77 @@ def test_ke_embedding_copy_has_its_own_learning_rate_and_constrained_state_is_lo
                                     "success_ema": ed.success_ema.item()})
     assert logged["lambda"] != ed.lambda_init  # the values after the steps' dual ascent, not the initial ones
     assert make_editor("ke", "tiny-gpt2").state_to_log() == {}  # shared objective: λ and m take no part
+
+
+def test_ke_preserve_feeds_the_conditioner_each_edits_gradient_along_the_preserved_whitening(tiny, tmp_path):
+    """preserve (as ENN's): each edit's ∇W_i enters the conditioner as ∇W_i A_P · ⟨∇W_i, ∇W_i⟩/⟨∇W_i, ∇W_i A_P⟩,
+    A_P = (C_ρ + μ K_PᵀK_P)⁻¹ with K_P the training facts' keys nearest the batch's answer-position keys,
+    never a fact about an edited subject, nor in training one whose prompt the outer loss scores; the
+    untrained editor's step then spares the preserved keys' outputs at a large μ; bad settings are
+    refused; the setting round-trips."""
+    import dataclasses
+    import types
+
+    from metaedit.editors.io import build_editor
+    from metaedit.editors.rows import per_edit_gradients
+    from metaedit.locate.solve import regularised
+    from tests.test_enn import preserve_world
+
+    w = preserve_world(tiny, tmp_path)
+    hp = {"init_lr": 0.3, "rows": "target", "key_whitening": 1e-2, "stats": w.stats}
+    ed = build_editor("ke", w.model, w.cfg, {**hp, "preserve": w.spec}, tokenizer=w.tok, inner_params=w.inner,
+                      cache_dir=tmp_path)
+    ed.prepare()
+    batch = ed.formatter.batch([r.prompt for r in w.reqs], [r.target for r in w.reqs])
+    keys: list[torch.Tensor] = []
+    raw = per_edit_gradients(w.model, w.inner, batch, "target", ed.formatter, w.reqs, keys=keys)
+    bank = ed.preserve
+    excluded = bank.excluded_rows([r.subject for r in w.reqs], batch.prompts)
+    fed = ed.per_edit_gradients(batch, w.reqs)
+    for i, (ell, g, got) in enumerate(zip(w.layers, raw, fed)):
+        rows = bank.nearest(i, keys[i], excluded).unique()
+        assert len(rows) and not any(TEST_SUBJECTS[0] in bank.facts[int(j)].prompt for j in bank._fact_of_row[rows])
+        kp = bank._keys[i][rows].double()
+        a_p = torch.linalg.inv(regularised(w.moments[ell], 1e-2) + kp.T @ kp)
+        gd = g.double()  # [n_edits, d_out, d_in]: one scale per edit
+        expected = (gd @ a_p) * ((gd * gd).sum((-2, -1), keepdim=True) / (gd * (gd @ a_p)).sum((-2, -1), keepdim=True))
+        # float32 solve against a float64 inverse: compared as whole matrices
+        assert (got.double() - expected).norm() <= 1e-4 * expected.norm(), i
+
+    # A large μ: the untrained editor's update barely moves the preserved keys' outputs, still the edits'.
+    plain = build_editor("ke", w.model, w.cfg, hp, tokenizer=w.tok, inner_params=w.inner, cache_dir=tmp_path)
+    plain.load_state_dict(ed.state_dict())  # the same conditioner: the two differ only by preserve
+    ed.preserve.spec = dataclasses.replace(ed.preserve.spec, weight=1e4)
+    with torch.no_grad():
+        strong, base = ed.apply_edits(batch, w.reqs).params, plain.apply_edits(batch, w.reqs).params
+    i, name = len(w.inner) - 1, w.inner[-1].name
+    kp = bank._keys[i][bank.nearest(i, keys[i], excluded).unique()]
+    shift, shift0 = strong[name] - w.model.get_parameter(name), base[name] - w.model.get_parameter(name)
+    assert (kp @ shift.T).norm() < 0.1 * (kp @ shift0.T).norm()
+    assert (keys[i] @ shift.T).norm() > 0.2 * (keys[i] @ shift0.T).norm()
+
+    # In training, a prompt the outer loss scores is out of the bank for that step only.
+    scored = bank.facts[int(bank._fact_of_row[bank.nearest(0, keys[0][:1], excluded)[0]])].prompt
+    own = torch.tensor([bank.facts[int(j)].prompt == scored for j in bank._fact_of_row])
+    scored_keys = bank.scaled_keys(0, own.nonzero().squeeze(-1))
+
+    def preserves_scored() -> bool:
+        return bool((torch.cdist(bank.for_step(ed, keys, batch, w.reqs)[0].T, scored_keys) == 0).any())
+
+    seen: list[bool] = []
+
+    def objective(b):
+        seen.append(preserves_scored())
+        return torch.zeros((), requires_grad=True), {}
+
+    assert preserves_scored()
+    ed.training_loss_and_backward(types.SimpleNamespace(inscope_prompts=[scored], loc_prompts=[]), objective,
+                                  lambda loss: None)
+    assert seen == [False] and preserves_scored()
+
+    for bad in ({"rows": "nonpad"}, {"key_whitening": None}):
+        with pytest.raises(MetaEditError, match="ke preserve needs rows=target and key_whitening"):
+            build_editor("ke", w.model, w.cfg, {**hp, **bad, "preserve": w.spec}, tokenizer=w.tok, inner_params=w.inner)
+    ed.save_pretrained(str(tmp_path / "ed"))
+    loaded = load_editor(tmp_path / "ed", model=w.model, tokenizer=w.tok, cache_dir=tmp_path)
+    assert loaded.preserve.spec is not None and loaded.preserve.spec.weight == 1e4

@@ -1,5 +1,6 @@
 """Preserved keys: the keys of known true facts near the edits, which an update must leave unmoved.
-Used by MALMEN's solve (fitted to a zero shift) and ENN's step (kept out of its key direction).
+Used by MALMEN's solve (fitted to a zero shift), ENN's step and KE's conditioner input (both kept out
+of their key direction).
 
 MALMEN's solve fits every edit's key to its value shift and keeps the rest of the weight by a ridge
 penalty (e^λ I, or the keys' second moment C with key_covariance). Neither says which *other* inputs
@@ -13,7 +14,8 @@ edit's subject from its neighbours:
     min ‖K ΔWᵀ − D‖² + μ‖K_P ΔWᵀ‖² + e^λ tr(ΔW R ΔWᵀ)   →   ΔWᵀ = (KᵀK + μ K_PᵀK_P + e^λ R)⁻¹ KᵀD
 
 ENN's gradient step has the same problem and takes the same keys through its whitening
-(metaedit/editors/whitening.py): G (C + μ K_PᵀK_P)⁻¹ instead of G C⁻¹.
+(metaedit/editors/whitening.py): G (C + μ K_PᵀK_P)⁻¹ instead of G C⁻¹; KE's hyper-network reads
+that whitened gradient.
 
 K_P: for every edit row and inner layer, the `top_k` bank keys of that layer nearest by cosine, once
 each. The bank is the answer-position keys (the rows a `rows=target` edit uses: the prompt's last
@@ -31,7 +33,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +49,7 @@ from metaedit.hooks import capture_layer_io, forward_stops_after
 from metaedit.models.fingerprint import fingerprint
 from metaedit.models.inner_params import InnerParam
 from metaedit.progress import Progress
-from metaedit.types import MetaEditError
+from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
 from metaedit.utils import file_lock, save_tensors
 
 if TYPE_CHECKING:
@@ -57,7 +60,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PreserveSpec:
-    """Where the preserved facts come from and how much they weigh (MALMEN's and ENN's `preserve` option).
+    """Where the preserved facts come from and how much they weigh (MALMEN's, ENN's and KE's `preserve` option).
 
     data: a built dataset directory; only its train.json is read.
     weight: μ, each preserved key's weight against an edit row's (both are fitted in one least squares).
@@ -130,6 +133,9 @@ class PreservedKeys:
         self._keys: list[Tensor] | None = None  # per inner layer: [bank rows, d_in] float32
         self._norms: list[Tensor] | None = None  # their norms [bank rows] (cosine retrieval)
         self._fact_of_row: Tensor | None = None  # [bank rows] index into self.facts
+        # The prompts the outer loss scores in the current training step (never preserved: they
+        # stand for unseen neighbours); set by `scoring`.
+        self._avoid: list[str] = []
 
     @property
     def enabled(self) -> bool:
@@ -204,6 +210,30 @@ class PreservedKeys:
         log.info("preserve bank: %d keys of %d training facts per layer, read in %.1f s",
                  sum(len(o) for o in owners), len(self.facts), time.perf_counter() - t0)
         return [torch.cat(k) for k in keys], torch.cat(owners)
+
+    @contextmanager
+    def scoring(self, batch: EditBatch) -> Iterator[None]:
+        """While one training step's outer loss scores `batch`, its in-scope and locality prompts are
+        kept out of the bank (an editor's training_loss_and_backward wraps its step in this)."""
+        self._avoid = [*batch.inscope_prompts, *batch.loc_prompts] if self.enabled else []
+        try:
+            yield
+        finally:
+            self._avoid = []
+
+    def for_step(self, editor: Editor, keys: Sequence[Tensor], edit: LMBatch,
+                 requests: Sequence[EditRequest]) -> list[Tensor | None]:
+        """√μ K_Pᵀ [d_in, m] per inner parameter, the `preserved` argument of KeyWhitening.gradient: the
+        bank keys nearest the edit rows' keys `keys` (one [rows, d_in] per inner parameter; the union
+        over the batch), never of a fact about an edited subject or whose prompt is the edit's or one
+        the outer loss scores. None where nothing is left to preserve."""
+        self.prepare(editor)
+        excluded = self.excluded_rows([r.subject for r in requests], [*(edit.prompts or ()), *self._avoid])
+        out: list[Tensor | None] = []
+        for i, k in enumerate(keys):
+            rows = self.nearest(i, k, excluded).unique()
+            out.append(self.scaled_keys(i, rows).T if len(rows) else None)
+        return out
 
     def excluded_rows(self, subjects: Iterable[str | None], prompts: Iterable[str]) -> Tensor:
         """Bank rows of facts that name one of `subjects` or whose prompt is one of `prompts`."""

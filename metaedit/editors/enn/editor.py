@@ -100,9 +100,6 @@ class ENNEditor(Editor):
         if self.preserve.enabled and (rows != "target" or not self.whitening.enabled):
             raise MetaEditError(f"enn preserve needs rows=target and key_whitening (the bank holds answer-position "
                                 f"keys, weighed against the whitening's C); got rows={rows!r}, key_whitening={key_whitening}")
-        # The prompts the outer loss scores in the current training step, never preserved (they
-        # stand for unseen neighbours); set by training_loss_and_backward.
-        self._avoid: list[str] = []
         if rows != "nonpad" and not first_order:
             raise MetaEditError(f"enn rows={rows!r} needs first_order=true (the masked gradient carries no second-order graph)")
         if edit_lr <= 0 or n_steps < 1 or c_base < 0 or (step_size_lr is not None and step_size_lr <= 0) or (
@@ -151,22 +148,8 @@ class ENNEditor(Editor):
         objective: Callable[..., tuple[Tensor, dict[str, Tensor]]],
         backward: Callable[..., None],
     ) -> dict[str, Tensor]:
-        self._avoid = [*batch.inscope_prompts, *batch.loc_prompts] if self.preserve.enabled else []
-        try:
+        with self.preserve.scoring(batch):  # the prompts this step scores are never preserved
             return super().training_loss_and_backward(batch, objective, backward)
-        finally:
-            self._avoid = []
-
-    def _preserved(self, keys: Sequence[Tensor], edit: LMBatch, requests: Sequence[EditRequest]) -> list[Tensor | None]:
-        """√μ K_Pᵀ [d_in, m] per inner parameter: the bank keys nearest the edit rows' keys, never of a
-        fact about an edited subject or whose prompt is the edit's or one the outer loss scores."""
-        self.preserve.prepare(self)
-        excluded = self.preserve.excluded_rows([r.subject for r in requests], [*(edit.prompts or ()), *self._avoid])
-        out: list[Tensor | None] = []
-        for i, k in enumerate(keys):
-            rows = self.preserve.nearest(i, k, excluded).unique()
-            out.append(self.preserve.scaled_keys(i, rows).T if len(rows) else None)
-        return out
 
     def _whiten(self, grads: Sequence[Tensor], preserved: Sequence[Tensor | None] | None = None) -> tuple[Tensor, ...]:
         """Each inner gradient along A (key_whitening; with `preserved` keys, A_P), in the stored
@@ -247,7 +230,7 @@ class ENNEditor(Editor):
                 # [d_out, d_in] back to the stored layout (Conv1D: [d_in, d_out]).
                 grads = tuple(g.T if p.transposed else g for p, g in zip(self.inner_params, total))
                 if keys is not None:
-                    preserved = self._preserved(keys, edit, requests)
+                    preserved = self.preserve.for_step(self, keys, edit, requests)
             else:
                 grads = self._plain_gradients(edit, params, names, second_order)
             grads = self._whiten(grads, preserved)

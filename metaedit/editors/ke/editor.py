@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -12,12 +12,13 @@ from transformers import PreTrainedModel
 from metaedit.decoding import greedy_relabel
 from metaedit.editors.base import Editor
 from metaedit.editors.ke.networks import ConditionEncoder, MatrixConditioner
+from metaedit.editors.preserve import PreservedKeys, PreserveSpec
 from metaedit.editors.rows import check_rows, per_edit_gradients
 from metaedit.editors.whitening import KeyWhitening
 from metaedit.functional import EditedModel, forward_logits
 from metaedit.locate.stats import StatsSpec
 from metaedit.models.inner_params import InnerParam
-from metaedit.types import EditRequest, LMBatch, MetaEditError
+from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
 
 OBJECTIVES = ("shared", "constrained")
 
@@ -61,6 +62,9 @@ class KEEditor(Editor):
             A = (C + ρ·mean(diag C)·I)⁻¹ from the layer's key statistics (ENN's key_whitening,
             metaedit/editors/whitening.py); None: the plain gradient. MLP output projections only.
         stats: how C is estimated (metaedit.locate.stats.StatsSpec).
+        preserve: None, or where preserved facts come from (metaedit/editors/preserve.py, as ENN's):
+            the training facts' answer-position keys nearest the edit rows' join the whitening, so each
+            ∇W_i enters along A_P = (C_ρ + μ K_PᵀK_P)⁻¹ instead of A. Needs rows=target and key_whitening.
     """
 
     method = "ke"
@@ -84,9 +88,14 @@ class KEEditor(Editor):
         rows: Literal["nonpad", "subject", "subject_last", "target"] = "nonpad",
         key_whitening: float | None = None,
         stats: StatsSpec | dict[str, Any] | None = None,
+        preserve: PreserveSpec | dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, inner_params)
         self.whitening = KeyWhitening(self.method, model, inner_params, key_whitening, stats)
+        self.preserve = PreservedKeys(model, self.inner_params, preserve)
+        if self.preserve.enabled and (rows != "target" or not self.whitening.enabled):
+            raise MetaEditError(f"{self.method} preserve needs rows=target and key_whitening (the bank holds answer-position "
+                                f"keys, weighed against the whitening's C); got rows={rows!r}, key_whitening={key_whitening}")
         if objective not in OBJECTIVES:
             raise MetaEditError(f"ke objective must be one of {OBJECTIVES}, got {objective!r}")
         check_rows("ke", rows, model)
@@ -119,7 +128,8 @@ class KEEditor(Editor):
                 "lambda_init": self.lambda_init, "lambda_lr": self.lambda_lr, "margin_init": self.margin_init,
                 "margin_min": self.margin_min, "anneal_at": self.anneal_at, "anneal_factor": self.anneal_factor,
                 "success_decay": self.success_decay, "embed_lr": self.embed_lr, "rows": self.rows,
-                "key_whitening": self.whitening.rho, "stats": self.whitening.stats.to_dict()}
+                "key_whitening": self.whitening.rho, "stats": self.whitening.stats.to_dict(),
+                "preserve": None if self.preserve.spec is None else self.preserve.spec.to_dict()}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         embed = self.encoder.embed.weight
@@ -177,13 +187,30 @@ class KEEditor(Editor):
 
     def per_edit_gradients(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None) -> list[Tensor]:
         """∇W_i for each inner matrix and edit i, [n_edits, d_out, d_in], over the `rows` positions
-        (along A with key_whitening: metaedit/editors/whitening.py)."""
-        grads = per_edit_gradients(self.model, self.inner_params, edit, self.rows, self.formatter, requests)
-        return [self.whitening.gradient(self, i, g) for i, g in enumerate(grads)]
+        (along A with key_whitening, along A_P with preserve: metaedit/editors/whitening.py)."""
+        keys: list[Tensor] | None = [] if self.preserve.enabled else None
+        grads = per_edit_gradients(self.model, self.inner_params, edit, self.rows, self.formatter, requests, keys=keys)
+        preserved: Sequence[Tensor | None] = [None] * len(grads)
+        if keys is not None:
+            if requests is None:
+                raise MetaEditError(f"{self.method} preserve needs the edit requests (their subjects are never preserved)")
+            preserved = self.preserve.for_step(self, keys, edit, requests)
+        return [self.whitening.gradient(self, i, g, u) for i, (g, u) in enumerate(zip(grads, preserved))]
 
     def prepare(self) -> None:
-        """The key statistics, when key_whitening is on (computed once per base model, then cached)."""
+        """The key statistics, when key_whitening is on, and the preserved facts' keys, when preserve
+        is (each computed once per base model and data, then cached)."""
         self.whitening.prepare(self)
+        self.preserve.prepare(self)
+
+    def training_loss_and_backward(
+        self,
+        batch: EditBatch,
+        objective: Callable[..., tuple[Tensor, dict[str, Tensor]]],
+        backward: Callable[..., None],
+    ) -> dict[str, Tensor]:
+        with self.preserve.scoring(batch):  # the prompts this step scores are never preserved
+            return super().training_loss_and_backward(batch, objective, backward)
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
         c = self.condition(edit, requests)
