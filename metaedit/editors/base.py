@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -119,9 +119,15 @@ class Editor(nn.Module, ABC):
         gets its gradient another way (MALMEN splits the graph at the weight shift) overrides this;
         the objective's terms then must depend on the editor only through `edited`.
         """
-        loss, logs = objective(batch)
-        backward(loss)
+        with self.training_step_scope(batch):
+            loss, logs = objective(batch)
+            backward(loss)
         return logs
+
+    def training_step_scope(self, batch: EditBatch) -> AbstractContextManager[None]:
+        """What holds while one training step's outer loss on `batch` is computed and back-propagated
+        (default: nothing). ENN and KE keep the prompts the step scores out of their preserved facts."""
+        return nullcontext()
 
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())

@@ -214,7 +214,7 @@ class PreservedKeys:
     @contextmanager
     def scoring(self, batch: EditBatch) -> Iterator[None]:
         """While one training step's outer loss scores `batch`, its in-scope and locality prompts are
-        kept out of the bank (an editor's training_loss_and_backward wraps its step in this)."""
+        kept out of the bank (ENN's and KE's training_step_scope)."""
         self._avoid = [*batch.inscope_prompts, *batch.loc_prompts] if self.enabled else []
         try:
             yield

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -142,14 +142,8 @@ class ENNEditor(Editor):
         self.whitening.prepare(self)
         self.preserve.prepare(self)
 
-    def training_loss_and_backward(
-        self,
-        batch: EditBatch,
-        objective: Callable[..., tuple[Tensor, dict[str, Tensor]]],
-        backward: Callable[..., None],
-    ) -> dict[str, Tensor]:
-        with self.preserve.scoring(batch):  # the prompts this step scores are never preserved
-            return super().training_loss_and_backward(batch, objective, backward)
+    def training_step_scope(self, batch: EditBatch) -> AbstractContextManager[None]:
+        return self.preserve.scoring(batch)  # the prompts this step scores are never preserved
 
     def _whiten(self, grads: Sequence[Tensor], preserved: Sequence[Tensor | None] | None = None) -> tuple[Tensor, ...]:
         """Each inner gradient along A (key_whitening; with `preserved` keys, A_P), in the stored

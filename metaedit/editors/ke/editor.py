@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
@@ -203,14 +204,8 @@ class KEEditor(Editor):
         self.whitening.prepare(self)
         self.preserve.prepare(self)
 
-    def training_loss_and_backward(
-        self,
-        batch: EditBatch,
-        objective: Callable[..., tuple[Tensor, dict[str, Tensor]]],
-        backward: Callable[..., None],
-    ) -> dict[str, Tensor]:
-        with self.preserve.scoring(batch):  # the prompts this step scores are never preserved
-            return super().training_loss_and_backward(batch, objective, backward)
+    def training_step_scope(self, batch: EditBatch) -> AbstractContextManager[None]:
+        return self.preserve.scoring(batch)  # the prompts this step scores are never preserved
 
     def apply_edits(self, edit: LMBatch, requests: Sequence[EditRequest]) -> EditedModel:
         c = self.condition(edit, requests)
