@@ -11,9 +11,10 @@ import torch
 
 from metaedit.editors.io import build_editor, load_editor, save_editor
 from metaedit.editors.malmen import solve_shift
-from metaedit.editors.malmen.editor import normal_terms
+from metaedit.editors.malmen.editor import normal_terms, solve_joint
 from metaedit.functional import forward_logits
 from metaedit.losses import exact_correct, nll
+from metaedit.models.inner_params import resolve_inner_params
 from metaedit.system import EditorSystem
 from metaedit.types import MetaEditError
 from tests.conftest import run_cli
@@ -42,6 +43,40 @@ def test_solve_with_a_ridge_matrix_is_the_closed_form_and_tends_to_the_whitened_
     big = torch.tensor(25.0, dtype=torch.float64)  # e^λ ΔW → Dᵀ K R⁻¹
     torch.testing.assert_close(big.exp() * solve_shift(k.T @ k, d.T @ k, big, r), d.T @ k @ torch.linalg.inv(r),
                                atol=1e-6, rtol=1e-6)
+
+
+def test_joint_solve_is_the_stacked_closed_form_and_one_layer_is_the_per_layer_solve():
+    """min ‖Σ_ℓ K_ℓ ΔW_ℓᵀ − V‖² + Σ_ℓ e^{λ_ℓ} tr(ΔW_ℓ R_ℓ ΔW_ℓᵀ) solved in its primal form over the
+    layers' keys side by side ([K_1 … K_L], block-diagonal ridge) against solve_joint's rows × rows form."""
+    g = torch.Generator().manual_seed(3)
+    f64 = torch.float64
+    keys = [torch.randn(9, d, generator=g, dtype=f64) for d in (4, 5, 3)]
+    values = torch.randn(9, 2, generator=g, dtype=f64)
+    lams = torch.tensor([0.3, -0.5, 1.0], dtype=f64)
+    m = torch.randn(5, 5, generator=g, dtype=f64)
+    ridges = [None, m @ m.T + 0.5 * torch.eye(5, dtype=f64), None]
+    stacked = torch.cat(keys, dim=1)
+    blocks = [lam.exp() * (torch.eye(k.shape[1], dtype=f64) if r is None else r) for k, lam, r in zip(keys, lams, ridges)]
+    primal = torch.linalg.solve(stacked.T @ stacked + torch.block_diag(*blocks), stacked.T @ values)  # [Σ d_in, d_out]
+    got = solve_joint(keys, values, lams, ridges)
+    torch.testing.assert_close(torch.cat([s.T for s in got]), primal)
+    # One layer: the per-layer solve of the same rows.
+    k, lam = keys[0], lams[:1]
+    torch.testing.assert_close(solve_joint([k], values, lam)[0], solve_shift(k.T @ k, values.T @ k, lam[0]))
+
+
+def test_joint_solve_fits_more_rows_than_one_layer_has_dimensions():
+    """30 rows against layers of 12 inputs: no single layer can map every row to its value (per-layer
+    solves summed leave a large residual) while the joint solve over three layers (36 inputs) fits them."""
+    g = torch.Generator().manual_seed(4)
+    keys = [torch.randn(30, 12, generator=g, dtype=torch.float64) for _ in range(3)]
+    values = [torch.randn(30, 4, generator=g, dtype=torch.float64) for _ in range(3)]  # D_ℓ per layer
+    total = sum(values)
+    lams = torch.full((3,), -12.0, dtype=torch.float64)  # e^λ ≈ 6e-6: (almost) an exact fit where one exists
+    per_layer = sum(k @ solve_shift(k.T @ k, d.T @ k, lam).T for k, d, lam in zip(keys, values, lams))
+    joint = sum(k @ s.T for k, s in zip(keys, solve_joint(keys, total, lams)))
+    assert (per_layer - total).norm() > 0.3 * total.norm()
+    assert (joint - total).norm() < 1e-3 * total.norm()
 
 
 def test_the_solve_stays_float32_under_bf16_autocast(make_editor):
@@ -162,6 +197,43 @@ def test_chunked_and_unchunked_shifts_agree_and_large_lambda_gives_mends_update(
 
 
 
+def test_joint_shifts_agree_chunked_and_fit_the_rows_total_value_shift(tiny):
+    """solve=joint on the editor: every chunk's rows are stacked before the one solve (chunk_size does
+    not change ΔW), and at a small λ the layers' shifts together give each edit row the sum of its
+    value shifts over the layers, Σ_ℓ K_ℓ ΔW_ℓᵀ = Σ_ℓ D_ℓ."""
+    model, tok, cfg = tiny("tiny-llama")
+    base = copy.deepcopy(model).double()
+    # Every block's down_proj: they all write into the residual stream, whose changes the joint fit adds.
+    inner = resolve_inner_params(base, [{"container": "model.layers", "depth": [0.0, 1.0], "pattern": r"mlp\.down_proj"}])
+    ed = build_editor("malmen", base, cfg, {"chunk_size": 64, "solve": "joint", "rows": "target"}, tokenizer=tok,
+                      inner_params=inner).double()
+    batch = ed.formatter.batch(*zip(*requests(5)))
+    _non_trivial(ed, batch)
+    with torch.no_grad():
+        ed.log_lambdas.fill_(-20.0)
+        whole = ed.weight_shifts(batch)
+        ed.chunk_size = 2
+        chunked = ed.weight_shifts(batch)
+        for a, b in zip(whole, chunked):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        rows = [kd for kd, _ in ed.key_value_rows(batch)]
+        keys = [torch.cat([part[i][0] for part in rows]) for i in range(len(ed.inner_params))]
+        total = sum(torch.cat([part[i][1] for part in rows]) for i in range(len(ed.inner_params)))
+        fit = sum(k @ s.T for k, s in zip(keys, whole))
+        assert (fit - total).norm() < 1e-4 * total.norm(), float((fit - total).norm() / total.norm())
+        # The per-layer solves of the same rows do not: each layer gives its own D_ℓ, not a share of the sum.
+        ed.solve = "per_layer"
+        per_layer = sum(k @ s.T for k, s in zip(keys, ed.weight_shifts(batch)))
+        assert (per_layer - total).norm() < 1e-4 * total.norm()  # rows < d_in here: every layer fits its own
+        assert sum((a - b).norm() for a, b in zip(whole, ed.weight_shifts(batch))) > 0
+    with pytest.raises(MetaEditError, match="solve must be 'per_layer' or 'joint'"):
+        build_editor("malmen", model, cfg, {"solve": "both"}, tokenizer=tok)
+    with pytest.raises(MetaEditError, match="write into one space"):  # the default: gate/up/down projections
+        build_editor("malmen", model, cfg, {"solve": "joint", "rows": "target"}, tokenizer=tok)
+    with pytest.raises(MetaEditError, match="needs rows=target"):
+        build_editor("malmen", model, cfg, {"solve": "joint"}, tokenizer=tok, inner_params=inner)
+
+
 def test_each_edits_key_gets_the_change_mends_own_step_makes_there(make_editor):
     """With few keys and a small λ the solve interpolates: at each edit's key u (the subject's last
     token, the layer's real input) W' − W changes the output by −η (u·ũ) δ̃, exactly what MEND's
@@ -222,21 +294,35 @@ def test_further_solves_read_the_edited_model_and_lower_the_edit_loss(make_edito
     assert len(solves) == 1
 
 
-def test_keep_earlier_fits_the_earlier_steps_keys_to_a_zero_shift_in_a_sequence(make_editor, tmp_path):
+def _output_change(ed, keys: torch.Tensor, after: dict, before: dict | None, i: int) -> torch.Tensor:
+    """keys [rows, d_in] times inner layer i's weight change from `before` (None: the base) to `after`."""
+    p = ed.inner_params[i]
+    delta = after[p.name] - (ed.model.get_parameter(p.name) if before is None else before[p.name])
+    return keys @ (delta if p.transposed else delta.T)
+
+
+@pytest.mark.parametrize("solve", ["per_layer", "joint"])
+def test_keep_earlier_fits_the_earlier_steps_keys_to_a_zero_shift_in_a_sequence(tiny, tmp_path, solve):
     """keep_earlier μ_E: in a sequence, a step's solve is (KᵀK + μ_E Σ K_EᵀK_E + e^λ I)⁻¹ KᵀD with K_E
-    the earlier steps' keys (read on the model they were edited from), so at a large μ_E the later
-    step leaves the earlier edits' keys (almost) where the earlier step put them; the state saves
-    and loads (a resumed sequence), a new sequence starts empty, and an edit outside a sequence keeps
-    nothing."""
+    the earlier steps' keys (read on the model they were edited from) — the joint solve has them as
+    rows fitted to zero — so at a large μ_E the later step leaves the earlier edits' keys (almost)
+    where the earlier step put them; the state saves and loads (a resumed sequence), a new sequence
+    starts empty, and an edit outside a sequence keeps nothing."""
     from metaedit.types import EditRequest
     from tests.test_editors import TEST_SUBJECTS
 
     reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(4))]
     first, second = reqs[:2], reqs[2:]
     shifts_at_first = {}
+    model, tok, cfg = tiny("tiny-gpt2")
+    # The joint solve needs layers writing into one space: every block's MLP output projection.
+    inner = None if solve == "per_layer" else resolve_inner_params(
+        model, [{"container": "transformer.h", "depth": [0.0, 1.0], "pattern": r"mlp\.c_proj"}])
+    name_of_state = "earlier" if solve == "per_layer" else "earlier_keys"
     for mu in (0.0, 1e4):
         torch.manual_seed(0)  # the same editor both times: only μ_E differs
-        ed = make_editor("malmen", "tiny-gpt2", rows="target", keep_earlier=mu)
+        ed = build_editor("malmen", model, cfg, {"rows": "target", "keep_earlier": mu, "solve": solve}, tokenizer=tok,
+                          inner_params=inner)
         b1, b2 = (ed.formatter.batch([r.prompt for r in rs], [r.target for r in rs]) for rs in (first, second))
         _non_trivial(ed, b1, first)
         with torch.no_grad():
@@ -248,31 +334,33 @@ def test_keep_earlier_fits_the_earlier_steps_keys_to_a_zero_shift_in_a_sequence(
             steps: list[dict] = []
             ed.edit_sequential(first + second, batch_size=2, after_each=lambda _, m, into=steps: into.append(dict(m.params)))
         if mu:
-            # Both steps' KᵀK (on the first inner layer the keys are the base's whatever was edited).
+            # Both steps' KᵀK, or their keys (on the first inner layer the keys are the base's whatever
+            # was edited).
             assert ed.earlier[0].dtype == torch.float32
-            torch.testing.assert_close(ed.earlier[0], own[0].T @ own[0] + own2[0].T @ own2[0], rtol=1e-4, atol=1e-4)
+            kept = own[0].T @ own[0] + own2[0].T @ own2[0] if solve == "per_layer" else torch.cat([own[0], own2[0]])
+            torch.testing.assert_close(ed.earlier[0], kept, rtol=1e-4, atol=1e-4)
             state = ed.sequence_state()
-            assert sorted(state) == [f"earlier.{i}" for i in range(len(ed.inner_params))]
+            assert sorted(state) == sorted(f"{name_of_state}.{i}" for i in range(len(ed.inner_params)))
             ed.reset_sequence()
             assert ed.earlier == []
             ed.load_sequence_state(state)
             assert all(torch.equal(a, b) for a, b in zip(ed.earlier, state.values()))
             with pytest.raises(MetaEditError, match="keeps earlier"):
-                ed.load_sequence_state({"preserved.3": state["earlier.0"]})
-        # How much step 2 moved step 1's outputs, on step 1's keys of the first inner layer (block 1's
-        # c_fc: its input comes from below every edited matrix, so the keys are the same on both models).
-        name = ed.inner_params[0].name
-        delta = steps[1][name] - steps[0][name]
-        delta = delta.T if ed.inner_params[0].transposed else delta
-        step1 = steps[0][name] - ed.model.get_parameter(name)
-        step1 = step1.T if ed.inner_params[0].transposed else step1
-        shifts_at_first[mu] = (float((own[0] @ delta.T).norm()), float((own[0] @ step1.T).norm()))
+                ed.load_sequence_state({"preserved.3": state[f"{name_of_state}.0"]})
+        # How much step 2 moved step 1's outputs, on the keys step 1 kept: per-layer solves keep each
+        # layer's output, measured on the first inner layer (its input comes from below every edited
+        # matrix, so the keys are the same on both models); the joint solve keeps the sum of the layers'
+        # output changes at the kept rows (every layer's keys read on the base, as kept).
+        layers = range(1) if solve == "per_layer" else range(len(ed.inner_params))
+
+        shifts_at_first[mu] = (float(sum(_output_change(ed, own[i], steps[1], steps[0], i) for i in layers).norm()),
+                               float(sum(_output_change(ed, own[i], steps[0], None, i) for i in layers).norm()))
     (moved_plain, step1_plain), (moved_kept, step1_kept) = shifts_at_first[0.0], shifts_at_first[1e4]
     assert step1_plain > 0 and moved_plain > 0.05 * step1_plain, shifts_at_first  # the later step disturbs them
     assert step1_kept == pytest.approx(step1_plain, rel=1e-4)  # a sequence's first step has nothing to keep
     assert moved_kept < 1e-2 * moved_plain, shifts_at_first
     with pytest.raises(MetaEditError, match="keep_earlier must be >= 0"):
-        make_editor("malmen", "tiny-gpt2", keep_earlier=-1.0)
+        build_editor("malmen", model, cfg, {"keep_earlier": -1.0}, tokenizer=tok)
     save_editor(ed, tmp_path / "ed")
     assert json.loads((tmp_path / "ed" / "editor_config.json").read_text())["hparams"]["keep_earlier"] == 1e4
 
@@ -571,6 +659,46 @@ def test_preserved_facts_are_fitted_to_a_zero_shift_and_never_the_edited_subject
     again = load_editor(saved, model=model, tokenizer=tok, cache_dir=tmp_path / "cache")
     again.preserve.prepare(again)
     torch.testing.assert_close(again.preserve._keys[0], bank._keys[0])
+
+
+def test_joint_solve_fits_the_preserved_facts_summed_change_to_zero(tiny, tmp_path):
+    """solve=joint with preserve: the bank rows nearest the edits' keys at any layer join the one solve
+    as rows whose summed output change over the layers is fitted to zero; at a large μ that sum barely
+    moves while the edit rows' still does."""
+    from metaedit.types import EditRequest
+    from tests.test_editors import TEST_SUBJECTS, WORLD
+
+    data = tmp_path / "data"
+    data.mkdir()
+    train_subjects = [s for s in WORLD.subjects if WORLD.split_of[s] == "train"][:12]
+    (data / "train.json").write_text(json.dumps(_fact_records(train_subjects)))
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(2))]
+    model, tok, cfg = tiny("tiny-llama")
+    inner = resolve_inner_params(model, [{"container": "model.layers", "depth": [0.0, 1.0], "pattern": r"mlp\.down_proj"}])
+    ed = build_editor("malmen", model, cfg, {"rows": "target", "solve": "joint", "preserve": {
+        "data": str(data), "weight": 1e4, "top_k": 3, "max_facts": None}}, tokenizer=tok, inner_params=inner)
+    ed.cache_dir = str(tmp_path / "cache")
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    _non_trivial(ed, batch, reqs)
+    bank = ed.preserve
+    with torch.no_grad():
+        ed.log_lambdas.fill_(-4.0)
+        bank.prepare(ed)
+        shifts = ed.weight_shifts(batch, reqs)
+        kept, bank.spec = bank.spec, None
+        plain = ed.weight_shifts(batch, reqs)
+        bank.spec = kept
+        captured = ed.capture(batch, reqs)
+        excluded = bank.excluded_rows([r.subject for r in reqs], batch.prompts)
+        rows = torch.cat([bank.nearest(i, k, excluded) for i, (k, _) in enumerate(captured)]).unique()
+
+        def summed(keys_of, ws):  # Σ_ℓ K_ℓ ΔW_ℓᵀ
+            return sum(keys_of(i) @ w.T for i, w in enumerate(ws))
+
+        at_bank = lambda ws: summed(lambda i: bank._keys[i][rows], ws)  # noqa: E731
+        at_edit = lambda ws: summed(lambda i: captured[i][0], ws)  # noqa: E731
+        assert at_bank(shifts).norm() < 0.05 * at_bank(plain).norm()
+        assert at_edit(shifts).norm() > 0.2 * at_edit(plain).norm()
 
 
 def test_preserve_refuses_a_bad_setting(make_editor, tmp_path):

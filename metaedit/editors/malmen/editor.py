@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,35 @@ def solve_shift(gram: Tensor, cross: Tensor, log_lambda: Tensor, ridge: Tensor |
         gram, cross = gram.to(dtype), cross.to(dtype)
         reg = torch.eye(gram.shape[0], dtype=dtype, device=gram.device) if ridge is None else ridge.to(dtype)
         return torch.linalg.solve(gram + log_lambda.exp().to(dtype) * reg, cross.T).T
+
+
+SolveMode = Literal["per_layer", "joint"]
+
+
+def solve_joint(keys: Sequence[Tensor], values: Tensor, log_lambdas: Tensor,
+                ridges: Sequence[Tensor | None] | None = None) -> list[Tensor]:
+    """ΔW_ℓ [d_out, d_in_ℓ] for every layer ℓ from one least-squares problem over all layers at once:
+    min ‖Σ_ℓ K_ℓ ΔW_ℓᵀ − V‖² + Σ_ℓ e^{λ_ℓ} tr(ΔW_ℓ R_ℓ ΔW_ℓᵀ), keys [rows, d_in_ℓ] per layer (the
+    same rows: row t is one position read at every layer), values V [rows, d_out] the total shift
+    wanted at each row (the layers write into one residual stream), R_ℓ = I unless `ridges` gives it.
+
+    Per-layer solves give each layer's keys the whole of its value shift, so each layer must fit every
+    row in its own d_in dimensions: with more rows than that (1000 edits × ~2 answer tokens against
+    SmolLM2's 1536, session 49) no layer can, and the per-layer fits sum to a poor one. Here the rows
+    are fitted in Σ_ℓ d_in dimensions. By the push-through identity the solution is
+    ΔW_ℓᵀ = Λ_ℓ⁻¹ K_ℓᵀ α, α = (Σ_m K_m Λ_m⁻¹ K_mᵀ + I)⁻¹ V, Λ_ℓ = e^{λ_ℓ} R_ℓ: one rows × rows solve."""
+    with torch.autocast(values.device.type, enabled=False):  # never a bf16 solve (normal_terms)
+        dtype = _solve_dtype(values.dtype, *(k.dtype for k in keys))
+        reads: list[Tensor] = []  # Λ_ℓ⁻¹ K_ℓᵀ [d_in_ℓ, rows]
+        gram = torch.eye(values.shape[0], dtype=dtype, device=values.device)
+        for i, k in enumerate(keys):
+            k = k.to(dtype)
+            r = None if ridges is None else ridges[i]
+            read = (k.T if r is None else torch.linalg.solve(r.to(dtype), k.T)) * (-log_lambdas[i]).exp().to(dtype)
+            reads.append(read)
+            gram = gram + k @ read
+        alpha = torch.linalg.solve(gram, values.to(dtype))
+        return [(read @ alpha).T for read in reads]
 
 
 def _solve_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -104,6 +134,10 @@ class MALMENEditor(MENDEditor):
             leaves them alone keeps the earlier ones (AlphaEdit keeps its earlier keys for the same
             reason). 0 (the paper's): every step's solve sees only its own edits. Lifelong training
             (method.loss.lifelong) keeps them over its training sequences the same way.
+        solve: "per_layer" (the paper's): each layer's ΔW_ℓ fits its own value shifts D_ℓ in its d_in
+            dimensions; "joint": one solve over all layers' keys side by side fits the rows' total
+            shift Σ_ℓ D_ℓ (`solve_joint`), room for Σ_ℓ d_in rows instead of d_in — what many edits at
+            a narrow layer need. Preserved facts and kept earlier keys join it as rows fitted to zero.
         max_shift: None, or c > 0: each solve's ΔW_ℓ is scaled down to at most c·‖W_ℓ‖ (in training too)
             (Frobenius, W_ℓ the weights it is applied to). A guard for long sequences: there an
             edited block's larger outputs make larger keys at the blocks above, whose solves then
@@ -135,6 +169,7 @@ class MALMENEditor(MENDEditor):
         preserve: PreserveSpec | dict[str, Any] | None = None,
         keep_earlier: float = 0.0,
         max_shift: float | None = None,
+        solve: SolveMode = "per_layer",
     ) -> None:
         if lambda_lr is not None and not lambda_lr > 0:
             raise MetaEditError(f"{self.method} lambda_lr must be > 0 or null, got {lambda_lr}")
@@ -142,6 +177,8 @@ class MALMENEditor(MENDEditor):
             raise MetaEditError(f"{self.method} keep_earlier must be >= 0, got {keep_earlier}")
         if max_shift is not None and not max_shift > 0:
             raise MetaEditError(f"{self.method} max_shift must be > 0 or null, got {max_shift}")
+        if solve not in ("per_layer", "joint"):
+            raise MetaEditError(f"{self.method} solve must be 'per_layer' or 'joint', got {solve!r}")
         # edit_contrast / transform_delta act on MEND's capture and networks, which MALMEN reuses.
         super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
                          edit_lr_lr=edit_lr_lr, chunk_size=chunk_size, edit_scale=edit_scale,
@@ -157,7 +194,21 @@ class MALMENEditor(MENDEditor):
                                 f"the answer positions'), got rows={rows!r}")
         self.keep_earlier = float(keep_earlier)
         self.max_shift = None if max_shift is None else float(max_shift)
-        self.earlier: list[Tensor] = []  # Σ KᵀK per inner layer of the sequence's earlier steps (float32)
+        widths = {(p.d_out, p.side) for p in self.inner_params}
+        if solve == "joint" and rows != "target":
+            # Its rows are positions read at every layer; other modes drop a position wherever its
+            # gradient vanishes (nonpad: after the answer in the last blocks; subject rows there too).
+            raise MetaEditError(f"{self.method} solve=joint needs rows=target (the same answer-predicting "
+                                f"positions at every layer), got rows={rows!r}")
+        if solve == "joint" and len(widths) > 1:
+            # The joint fit adds the layers' output changes: they must write into one space.
+            raise MetaEditError(f"{self.method} solve=joint needs inner parameters that write into one space (the "
+                                f"residual stream: e.g. every block's mlp.down_proj); got outputs of widths "
+                                f"{sorted(w for w, _ in widths)} — use solve=per_layer or other inner_params")
+        self.solve: SolveMode = solve
+        # The sequence's earlier steps, per inner layer (float32): Σ KᵀK for per-layer solves, the keys
+        # themselves [rows, d_in] for the joint one (its rows are positions read at every layer).
+        self.earlier: list[Tensor] = []
 
     def hparams(self) -> dict[str, Any]:
         # MEND's key_whitening (with its stats) is not MALMEN's: its update is a least-squares solve
@@ -166,7 +217,7 @@ class MALMENEditor(MENDEditor):
         return {**mend, "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb,
                 "key_covariance": self.covariance.rho, "stats": self.covariance.stats.to_dict(), "lambda_lr": self.lambda_lr,
                 "preserve": None if self.preserve.spec is None else self.preserve.spec.to_dict(),
-                "keep_earlier": self.keep_earlier, "max_shift": self.max_shift}
+                "keep_earlier": self.keep_earlier, "max_shift": self.max_shift, "solve": self.solve}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         # MEND's groups without λ, and λ in its own (no weight decay: it would pull λ towards 0, i.e.
@@ -199,23 +250,28 @@ class MALMENEditor(MENDEditor):
     def reset_sequence(self) -> None:
         self.earlier = []
 
+    @property
+    def _earlier_name(self) -> str:
+        return "earlier" if self.solve == "per_layer" else "earlier_keys"
+
     def sequence_state(self) -> dict[str, Tensor]:
-        return {f"earlier.{i}": g for i, g in enumerate(self.earlier)}
+        return {f"{self._earlier_name}.{i}": g for i, g in enumerate(self.earlier)}
 
     def load_sequence_state(self, state: Mapping[str, Tensor]) -> None:
-        expected = {f"earlier.{i}" for i in range(len(self.inner_params))}
+        expected = {f"{self._earlier_name}.{i}" for i in range(len(self.inner_params))}
         if state and set(state) != expected:
             raise MetaEditError(f"{self.method}: a saved sequence holds {sorted(state)[:3]}...; this editor keeps "
-                                f"earlier.0..{len(self.inner_params) - 1}")
-        self.earlier = [state[f"earlier.{i}"].float() for i in range(len(self.inner_params))] if state else []
+                                f"{self._earlier_name}.0..{len(self.inner_params) - 1}")
+        self.earlier = [state[f"{self._earlier_name}.{i}"].float() for i in range(len(self.inner_params))] if state else []
 
     # ---- the least-squares shift ----------------------------------------------------------------
     def _check_memory(self, rows: Sequence[tuple[Tensor, Tensor]], held: float) -> float:
         """MB of this chunk's K/D rows (×(3 + 4·n_blocks) when an autograd graph keeps the networks'
-        activations for the backward, which then lives until the step's end); raises past the cap."""
+        activations for the backward, which then lives until the step's end); raises past the cap.
+        The joint solve keeps every chunk's rows until it solves, so they add up there too."""
         graph = 3 + 4 * self.n_blocks if torch.is_grad_enabled() else 1
         mb = sum(u.shape[0] * (u.shape[1] + d.shape[1]) for u, d in rows) * 4 * graph / 2**20
-        total = held + mb if torch.is_grad_enabled() else mb
+        total = held + mb if torch.is_grad_enabled() or self.solve == "joint" else mb
         if self.memory_cap_mb is not None and total > self.memory_cap_mb:
             raise MetaEditError(
                 f"malmen: the keys and value shifts need ~{total:.0f} MB (memory_cap_mb={self.memory_cap_mb}); "
@@ -223,42 +279,59 @@ class MALMENEditor(MENDEditor):
                 + (" or the edits per training step (data.n_edits)" if torch.is_grad_enabled() else ""))
         return total
 
-    def normal_equations(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
-                         params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
-                         edit_grams: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
-        """(KᵀK, DᵀK) per inner layer, summed over chunks of `chunk_size` edits; keys and gradients are
-        read on the model with `params` (None: the base). With `preserve`, KᵀK + μ K_PᵀK_P: the
-        preserved facts' keys nearest the edits' (never facts that name an edited subject or whose
-        prompt is in `avoid`); in a sequence with keep_earlier, + μ_E Σ K_EᵀK_E of the earlier steps.
-        `edit_grams`, when given, receives the edits' own KᵀK per layer (without those terms)."""
-        sums: list[tuple[Tensor, Tensor] | None] = [None] * len(self.inner_params)
+    @contextmanager
+    def _chunk_memory(self) -> Iterator[None]:
+        """Running out of memory on a chunk is a MetaEditError naming the chunk setting."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            raise MetaEditError(
+                f"malmen ran out of memory on a chunk of {self.chunk_size} edits; lower "
+                f"method.editor.chunk_size{' or data.n_edits' if torch.is_grad_enabled() else ''} ({e})") from None
+
+    def key_value_rows(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
+                       params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
+                       ) -> Iterator[tuple[list[tuple[Tensor, Tensor]], list[Tensor]]]:
+        """Per chunk of `chunk_size` edits: (keys K, value shifts D) per inner layer, read on the model with
+        `params` (None: the base), and with `preserve` the bank rows nearest each layer's keys (never
+        facts that name an edited subject or whose prompt is in `avoid`; empty without preserve)."""
         held = 0.0
-        preserved: list[list[Tensor]] = [[] for _ in self.inner_params]
+        excluded = None
         if self.preserve.enabled:
             self.preserve.prepare(self)
             excluded = self.preserve.excluded_rows([r.subject for r in requests or ()],
                                                    [*(edit.prompts or ()), *avoid])
         for part, part_requests in self.chunks(edit, requests):
-            try:
+            with self._chunk_memory():
                 rows = self.capture(part, part_requests, params)
                 held = self._check_memory(rows, held)
-                if self.preserve.enabled:
-                    for i, (k, _) in enumerate(rows):
-                        preserved[i].append(self.preserve.nearest(i, k, excluded))
+                nearest = [] if excluded is None else [self.preserve.nearest(i, k, excluded) for i, (k, _) in enumerate(rows)]
                 pairs = self.transform(rows)
-                for i, ((k, _), (k_tilde, d_tilde)) in enumerate(zip(rows, pairs)):
-                    # The keys are the layer's real inputs u (it is at u that W' is read), the value
-                    # shifts d = η (u·ũ) δ̃: the change MEND's rank-1 step η δ̃ ũᵀ makes at its own key.
-                    d = (self.step_size(i) * (k * k_tilde).sum(-1, keepdim=True)) * d_tilde  # rows × d_out
+                # The keys are the layer's real inputs u (it is at u that W' is read), the value
+                # shifts d = η (u·ũ) δ̃: the change MEND's rank-1 step η δ̃ ũᵀ makes at its own key.
+                kd = [(k, (self.step_size(i) * (k * k_tilde).sum(-1, keepdim=True)) * d_tilde)
+                      for i, ((k, _), (k_tilde, d_tilde)) in enumerate(zip(rows, pairs))]
+            yield kd, nearest
+
+    def normal_equations(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
+                         params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
+                         edit_grams: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
+        """(KᵀK, DᵀK) per inner layer, summed over chunks (`key_value_rows`). With `preserve`,
+        KᵀK + μ K_PᵀK_P: the preserved facts' keys nearest the edits'; in a sequence with keep_earlier,
+        + μ_E Σ K_EᵀK_E of the earlier steps. `edit_grams`, when given, receives the edits' own KᵀK per
+        layer (without those terms)."""
+        sums: list[tuple[Tensor, Tensor] | None] = [None] * len(self.inner_params)
+        preserved: list[list[Tensor]] = [[] for _ in self.inner_params]
+        for kd, nearest in self.key_value_rows(edit, requests, params, avoid):
+            for i, rows in enumerate(nearest):
+                preserved[i].append(rows)
+            with self._chunk_memory():
+                for i, (k, d) in enumerate(kd):
                     gram, cross = normal_terms(k, d)
                     prev = sums[i]
                     sums[i] = (gram, cross) if prev is None else (prev[0] + gram, prev[1] + cross)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not _out_of_memory(e):
-                    raise
-                raise MetaEditError(
-                    f"malmen ran out of memory on a chunk of {self.chunk_size} edits; lower "
-                    f"method.editor.chunk_size{' or data.n_edits' if torch.is_grad_enabled() else ''} ({e})") from None
         out = [s for s in sums if s is not None]
         if edit_grams is not None:
             edit_grams.extend(g for g, _ in out)
@@ -269,10 +342,50 @@ class MALMENEditor(MENDEditor):
             out = [(g + self.keep_earlier * e.to(g.device, g.dtype), c) for (g, c), e in zip(out, self.earlier)]
         return out
 
+    def joint_shifts(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
+                     params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
+                     edit_keys: list[Tensor] | None = None) -> list[Tensor]:
+        """ΔW_ℓ for every inner layer from one solve over all layers (`solve_joint`): the edit rows fit
+        Σ_ℓ D_ℓ; preserved facts (the union over layers of the bank rows nearest each layer's keys,
+        each read at every layer, weight μ) and, in a sequence with keep_earlier, the earlier steps'
+        keys (weight μ_E) join as rows fitted to zero. `edit_keys`, when given, receives the edits' keys."""
+        keys: list[list[Tensor]] = [[] for _ in self.inner_params]
+        values: list[Tensor] = []
+        preserved: list[Tensor] = []
+        for kd, nearest in self.key_value_rows(edit, requests, params, avoid):
+            preserved.extend(nearest)
+            for i, (k, _) in enumerate(kd):
+                keys[i].append(k)
+            values.append(torch.stack([d.to(_solve_dtype(d.dtype)) for _, d in kd]).sum(0))
+        stacked = [torch.cat(k) for k in keys]
+        if len({k.shape[0] for k in stacked}) > 1:
+            raise MetaEditError(f"{self.method} solve=joint: the inner layers kept different numbers of answer rows "
+                                f"({[k.shape[0] for k in stacked]}; a position whose key or gradient is exactly zero "
+                                f"at some layer) — use solve=per_layer")
+        if edit_keys is not None:
+            edit_keys.extend(stacked)
+        zeros: list[list[Tensor]] = [[] for _ in self.inner_params]
+        if preserved:
+            bank_rows = torch.cat(preserved).unique()
+            for i in range(len(self.inner_params)):
+                zeros[i].append(self.preserve.scaled_keys(i, bank_rows))
+        if self._keeps_earlier and self.earlier:
+            for i, e in enumerate(self.earlier):
+                zeros[i].append(self.keep_earlier ** 0.5 * e)
+        dtype = _solve_dtype(stacked[0].dtype)  # float32, or float64 in exact checks
+        rows = [torch.cat([k.to(dtype), *(z.to(k.device, dtype) for z in extra)]) for k, extra in zip(stacked, zeros)]
+        target = torch.cat(values)
+        target = torch.cat([target, target.new_zeros(rows[0].shape[0] - target.shape[0], target.shape[1])])
+        ridges = self.covariance.covariances(self, rows[0]) if self.covariance.enabled else None
+        return solve_joint(rows, target, self.log_lambdas, ridges)
+
     def weight_shifts(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
                       params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
                       edit_grams: list[Tensor] | None = None) -> list[Tensor]:
-        """ΔW_ℓ [d_out, d_in] for every inner layer (differentiable w.r.t. networks, η, λ)."""
+        """ΔW_ℓ [d_out, d_in] for every inner layer (differentiable w.r.t. networks, η, λ). `edit_grams`
+        receives what a sequence keeps of this step (the edits' KᵀK per layer, or their keys when joint)."""
+        if self.solve == "joint":
+            return self.joint_shifts(edit, requests, params, avoid, edit_grams)
         sums = self.normal_equations(edit, requests, params, avoid, edit_grams)
         ridges = self.covariance.covariances(self, sums[0][0]) if self.covariance.enabled else [None] * len(sums)
         return [solve_shift(g, c, self.log_lambdas[i], r) for i, ((g, c), r) in enumerate(zip(sums, ridges))]
@@ -317,11 +430,17 @@ class MALMENEditor(MENDEditor):
         return edited
 
     def _keep(self, grams: list[Tensor] | None) -> None:
-        """This step's keys (KᵀK per layer, read on the model the earlier steps edited) join the kept ones."""
+        """This step's keys (KᵀK per layer, or the keys when joint, read on the model the earlier steps
+        edited) join the kept ones."""
         if grams is None:
             return
         grams = [g.detach().float() for g in grams]
-        self.earlier = grams if not self.earlier else [e + g for e, g in zip(self.earlier, grams)]
+        if not self.earlier:
+            self.earlier = grams
+        elif self.solve == "joint":  # keys: the earlier rows and this step's
+            self.earlier = [torch.cat([e, g.to(e.device)]) for e, g in zip(self.earlier, grams)]
+        else:
+            self.earlier = [e + g for e, g in zip(self.earlier, grams)]
 
     # ---- decoupled meta-training ----------------------------------------------------------------
     def training_loss_and_backward(
