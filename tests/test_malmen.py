@@ -11,7 +11,7 @@ import torch
 
 from metaedit.editors.io import build_editor, load_editor, save_editor
 from metaedit.editors.malmen import solve_shift
-from metaedit.editors.malmen.editor import normal_terms, solve_joint
+from metaedit.editors.malmen.editor import normal_terms, solve_in_span, solve_joint
 from metaedit.functional import forward_logits
 from metaedit.losses import exact_correct, nll
 from metaedit.models.inner_params import resolve_inner_params
@@ -63,6 +63,52 @@ def test_joint_solve_is_the_stacked_closed_form_and_one_layer_is_the_per_layer_s
     # One layer: the per-layer solve of the same rows.
     k, lam = keys[0], lams[:1]
     torch.testing.assert_close(solve_joint([k], values, lam)[0], solve_shift(k.T @ k, values.T @ k, lam[0]))
+
+
+def test_span_solve_is_the_closed_form_within_the_span_and_one_edit_gets_mends_step():
+    """solve_in_span: the least-squares shift over ΔWᵀ = Bᵀ A (rows in the span of the pseudo keys B),
+    fitted at the real keys K; with a basis spanning every dimension it is solve_shift; for one edit at a
+    small λ it is MEND's rank-1 step d ũᵀ / (u·ũ), whose change at u is d."""
+    g, f64 = torch.Generator().manual_seed(3), torch.float64
+    k, d = torch.randn(5, 8, generator=g, dtype=f64), torch.randn(5, 3, generator=g, dtype=f64)
+    b = torch.randn(5, 8, generator=g, dtype=f64)
+    m = torch.randn(8, 8, generator=g, dtype=f64)
+    r = m @ m.T + 0.5 * torch.eye(8, dtype=f64)
+    lam = torch.tensor(0.3, dtype=f64)
+    gram, cross = normal_terms(k, d)
+    # min_A ‖K Bᵀ A − D‖² + e^λ tr(Aᵀ B R Bᵀ A), directly from its normal equations in A.
+    kb = k @ b.T
+    a = torch.linalg.solve(kb.T @ kb + lam.exp() * b @ r @ b.T, kb.T @ d)
+    torch.testing.assert_close(solve_in_span(gram, cross, lam, b, r), (b.T @ a).T)
+    full = torch.randn(11, 8, generator=g, dtype=f64)
+    torch.testing.assert_close(solve_in_span(gram, cross, lam, full, r), solve_shift(gram, cross, lam, r))
+    u, u_t, d1 = k[:1], b[:1], d[:1]
+    one = solve_in_span(*normal_terms(u, d1), torch.tensor(-30.0, dtype=f64), u_t)
+    torch.testing.assert_close(one, d1.T @ u_t / (u * u_t).sum())
+    torch.testing.assert_close(u @ one.T, d1)
+
+
+def test_span_solve_writes_only_the_pseudo_keys_directions(make_editor):
+    """solve=pseudo_span in the editor: every ΔW_ℓ's rows lie in the span of that layer's pseudo keys ũ
+    (per_layer's lie in the real keys' span), and the edits' keys still get their value shifts."""
+    from metaedit.types import EditRequest
+
+    ed = make_editor("malmen", "tiny-llama", rows="answer", solve="pseudo_span")
+    reqs = [EditRequest(p, t) for p, t in requests(3)]
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    _non_trivial(ed, batch, reqs)  # networks away from their identity start: ũ ≠ u
+    with torch.no_grad():
+        ed.log_lambdas.fill_(-8.0)
+        shifts = ed.weight_shifts(batch, reqs)
+        (kd, _, tilde), = list(ed.key_value_rows(batch, reqs))
+        ed.solve = "per_layer"
+        plain = ed.weight_shifts(batch, reqs)
+    for shift, other, (k, d), u_t in zip(shifts, plain, kd, tilde):
+        q, _ = torch.linalg.qr(u_t.double().T)
+        outside = shift.double() - shift.double() @ q @ q.T
+        assert outside.norm() < 1e-4 * shift.norm()
+        assert (other.double() - other.double() @ q @ q.T).norm() > 0.1 * other.norm()  # the modes differ
+        torch.testing.assert_close(k @ shift.T, d, atol=2e-2 * float(d.abs().max()), rtol=2e-2)
 
 
 def test_joint_solve_fits_more_rows_than_one_layer_has_dimensions():
@@ -216,7 +262,7 @@ def test_joint_shifts_agree_chunked_and_fit_the_rows_total_value_shift(tiny):
         chunked = ed.weight_shifts(batch)
         for a, b in zip(whole, chunked):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
-        rows = [kd for kd, _ in ed.key_value_rows(batch)]
+        rows = [kd for kd, _, _ in ed.key_value_rows(batch)]
         keys = [torch.cat([part[i][0] for part in rows]) for i in range(len(ed.inner_params))]
         total = sum(torch.cat([part[i][1] for part in rows]) for i in range(len(ed.inner_params)))
         fit = sum(k @ s.T for k, s in zip(keys, whole))
@@ -226,7 +272,7 @@ def test_joint_shifts_agree_chunked_and_fit_the_rows_total_value_shift(tiny):
         per_layer = sum(k @ s.T for k, s in zip(keys, ed.weight_shifts(batch)))
         assert (per_layer - total).norm() < 1e-4 * total.norm()  # rows < d_in here: every layer fits its own
         assert sum((a - b).norm() for a, b in zip(whole, ed.weight_shifts(batch))) > 0
-    with pytest.raises(MetaEditError, match="solve must be 'per_layer' or 'joint'"):
+    with pytest.raises(MetaEditError, match="solve must be 'per_layer', 'joint' or 'pseudo_span'"):
         build_editor("malmen", model, cfg, {"solve": "both"}, tokenizer=tok)
     with pytest.raises(MetaEditError, match="write into one space"):  # the default: gate/up/down projections
         build_editor("malmen", model, cfg, {"solve": "joint", "rows": "target"}, tokenizer=tok)
@@ -261,6 +307,41 @@ def test_each_edits_key_gets_the_change_mends_own_step_makes_there(make_editor):
             assert (u @ pseudo.T - mend_change).norm() > 0.1 * mend_change.norm()
             checked += 1
         assert checked > 0
+
+def test_answer_rows_keep_one_key_per_edit_the_one_that_predicts_the_answer(make_editor):
+    """rows=answer: of the target rows (every position scoring a target token) only the first of each
+    edit, the prompt's last token, is a row of the solve; the positions inside a multi-token target
+    are not: the solve's update then has one direction per edit, where the target rows' has one per
+    scored position."""
+    from metaedit.editors.rows import answer_mask
+    from metaedit.types import EditRequest
+
+    ed = make_editor("malmen", "tiny-llama", rows="target")
+    reqs = [EditRequest(p, t) for p, t in requests(4)]
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    scored = answer_mask(batch.targets)
+    first = answer_mask(batch.targets, first_only=True)
+    assert int(scored.sum()) > len(reqs)  # some target is more than one token: the modes differ
+    assert first.sum(-1).tolist() == [1] * len(reqs)
+    assert (first.int().argmax(-1) == scored.int().argmax(-1)).all()
+    _non_trivial(ed, batch, reqs)
+    with torch.no_grad():
+        every = ed.capture(batch, reqs)
+        ed.rows = "answer"
+        answer = ed.capture(batch, reqs)
+        order = torch.nonzero(scored.reshape(-1)).squeeze(-1)  # target rows, in capture order
+        firsts = torch.nonzero(first.reshape(-1)[order]).squeeze(-1)
+        for (u_all, d_all), (u, d) in zip(every, answer):
+            assert u.shape[0] == len(reqs) == d.shape[0]
+            torch.testing.assert_close(u, u_all[firsts])
+            torch.testing.assert_close(d, d_all[firsts])
+        ranks = {}
+        for rows in ("answer", "target"):
+            ed.rows = rows
+            svs = [torch.linalg.svdvals(shift.double()) for shift in ed.weight_shifts(batch, reqs)]
+            ranks[rows] = [int((sv > 1e-3 * sv[0]).sum()) for sv in svs]
+        assert max(ranks["answer"]) <= len(reqs) < min(ranks["target"])
+
 
 def test_further_solves_read_the_edited_model_and_lower_the_edit_loss(make_editor):
     """edit_steps=3 at edit time: a further solve reads keys and gradients on the model the earlier

@@ -7,7 +7,9 @@ on the stream the prompt is read on: neighbourhood prompts share the edit's temp
 subject, so an update built from the subject's key moves their answers less (DESIGN §2, locality).
 "target" keeps the positions whose logits score the answer (a causal LM's last prompt token and
 the target's own tokens but the last): MALMEN's placement at the last blocks, where the answer is
-written rather than recalled.
+written rather than recalled. "answer" keeps only the first of them, the position that predicts the
+answer's first token: one key per edit, and none read inside the target, whose tokens a neighbour's
+answer is scored on as well.
 """
 
 from __future__ import annotations
@@ -25,14 +27,21 @@ from metaedit.losses import nll
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
-GRADIENT_ROWS = ("nonpad", "subject", "subject_last", "target")
+GRADIENT_ROWS = ("nonpad", "subject", "subject_last", "target", "answer")
+
+
+def answer_mask(targets: Tensor, first_only: bool = False) -> Tensor:
+    """[batch, seq] bool: the positions whose logits score the target (labels not -100), or with
+    `first_only` only the first of them in each row (the position that predicts the answer)."""
+    scored = targets != -100
+    return scored & (scored.cumsum(-1) == 1) if first_only else scored
 
 
 def check_rows(method: str, rows: str, model: Any) -> None:
     if rows not in GRADIENT_ROWS:
         raise MetaEditError(f"{method} rows must be one of {list(GRADIENT_ROWS)}, got {rows!r}")
-    if rows == "target" and getattr(model.config, "is_encoder_decoder", False):
-        raise MetaEditError(f"{method} rows='target' is for causal LMs: a seq2seq decoder reads only the target, so "
+    if rows in ("target", "answer") and getattr(model.config, "is_encoder_decoder", False):
+        raise MetaEditError(f"{method} rows={rows!r} is for causal LMs: a seq2seq decoder reads only the target, so "
                             f"its rows are the target's already (use rows=nonpad)")
 
 
@@ -56,8 +65,8 @@ def per_edit_gradients(
     than nonpad), receives each inner matrix's kept keys u [kept rows, d_in]: preserve looks up its
     nearest bank keys by them."""
     keep = None
-    if rows == "target":  # a causal LM's (check_rows refuses it for seq2seq)
-        keep = edit.targets != -100
+    if rows in ("target", "answer"):  # a causal LM's (check_rows refuses them for seq2seq)
+        keep = answer_mask(edit.targets, first_only=rows == "answer")
     elif rows != "nonpad":
         if requests is None or len(requests) != len(edit) or formatter is None:
             raise MetaEditError(f"rows={rows!r} needs the tokenizer and one edit request per edit")

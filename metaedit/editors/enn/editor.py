@@ -51,7 +51,7 @@ class ENNEditor(Editor):
             most ~lr per step (tiny-gpt2, lr 3e-4: α 0.92–1.03 from 1.0 after 1000 steps).
         rows: which positions' (u, δ) pairs make the inner gradient (metaedit/editors/rows.py):
             "nonpad" the plain gradient, "subject" / "subject_last" the subject's (last) token(s) only,
-            "target" the answer-scoring positions (causal LMs). Rows other than nonpad need
+            "target" the answer-scoring positions (causal LMs), "answer" the first of them only. Rows other than nonpad need
             first_order: the masked gradient is built from captured (u, δ), which carry no graph for a
             second-order outer loss.
         key_whitening: ridge ρ of a ROME-style direction for the step: None (the paper) steps along

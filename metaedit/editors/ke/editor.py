@@ -53,7 +53,8 @@ class KEEditor(Editor):
             gradient), "subject" / "subject_last" the subject's tokens / its last token on the stream
             the prompt is read on (as MEND's `rows`): neighbours share the edit's template, not its
             subject, so an update built from the subject's key moves their answers less; "target"
-            the positions whose logits score the answer (causal LMs; MALMEN's late placement).
+            the positions whose logits score the answer (causal LMs; MALMEN's late placement), "answer"
+            the first of them only (metaedit/editors/rows.py).
         embed_lr: the outer optimizer's learning rate for the condition encoder's embedding copy
             (None: the trainer's). It starts as the base's pretrained embeddings, the rest of the
             editor from scratch; Adam moves every entry by ~lr per step whatever its scale, so at the
@@ -86,7 +87,7 @@ class KEEditor(Editor):
         anneal_factor: float = 0.8,
         success_decay: float = 0.95,
         embed_lr: float | None = None,
-        rows: Literal["nonpad", "subject", "subject_last", "target"] = "nonpad",
+        rows: Literal["nonpad", "subject", "subject_last", "target", "answer"] = "nonpad",
         key_whitening: float | None = None,
         stats: StatsSpec | dict[str, Any] | None = None,
         preserve: PreserveSpec | dict[str, Any] | None = None,

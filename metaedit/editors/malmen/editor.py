@@ -39,7 +39,23 @@ def solve_shift(gram: Tensor, cross: Tensor, log_lambda: Tensor, ridge: Tensor |
         return torch.linalg.solve(gram + log_lambda.exp().to(dtype) * reg, cross.T).T
 
 
-SolveMode = Literal["per_layer", "joint"]
+def solve_in_span(gram: Tensor, cross: Tensor, log_lambda: Tensor, basis: Tensor, ridge: Tensor | None = None) -> Tensor:
+    """`solve_shift`'s least-squares problem with ΔW's rows restricted to the span of `basis` [n, d_in]
+    (the networks' pseudo keys ũ): ΔWᵀ = Q (Qᵀ(KᵀK + e^λ R)Q)⁻¹ QᵀKᵀD, Q an orthonormal basis of that
+    span. The fit is still read at the real keys (gram, cross as in `solve_shift`); what the networks
+    choose is the update's directions, as MEND's rank-1 steps δ̃ ũᵀ do — for one edit and a small λ
+    it is MEND's step η δ̃ ũᵀ itself, for many it resolves their interference at the keys the layer
+    reads. With n ≥ d_in independent pseudo keys it is `solve_shift`."""
+    with torch.autocast(gram.device.type, enabled=False):  # never a bf16 solve (normal_terms)
+        dtype = _solve_dtype(gram.dtype, cross.dtype, basis.dtype)
+        gram, cross = gram.to(dtype), cross.to(dtype)
+        q, _ = torch.linalg.qr(basis.to(dtype).T)  # [d_in, min(n, d_in)], orthonormal columns
+        reg = torch.eye(gram.shape[0], dtype=dtype, device=gram.device) if ridge is None else ridge.to(dtype)
+        reduced = q.T @ (gram + log_lambda.exp().to(dtype) * reg) @ q
+        return (q @ torch.linalg.solve(reduced, q.T @ cross.T)).T
+
+
+SolveMode = Literal["per_layer", "joint", "pseudo_span"]
 
 
 def solve_joint(keys: Sequence[Tensor], values: Tensor, log_lambdas: Tensor,
@@ -138,6 +154,10 @@ class MALMENEditor(MENDEditor):
             dimensions; "joint": one solve over all layers' keys side by side fits the rows' total
             shift Σ_ℓ D_ℓ (`solve_joint`), room for Σ_ℓ d_in rows instead of d_in — what many edits at
             a narrow layer need. Preserved facts and kept earlier keys join it as rows fitted to zero.
+            "pseudo_span": the per-layer problem with ΔW_ℓ's rows in the span of the networks' pseudo
+            keys ũ (`solve_in_span`): the networks choose the update's directions, as MEND's, and the
+            solve still fits the real keys (a key the layer reads only near a pseudo key's direction,
+            a neighbour's, then moves only as far as that direction reaches it).
         max_shift: None, or c > 0: each solve's ΔW_ℓ is scaled down to at most c·‖W_ℓ‖ (in training too)
             (Frobenius, W_ℓ the weights it is applied to). A guard for long sequences: there an
             edited block's larger outputs make larger keys at the blocks above, whose solves then
@@ -177,8 +197,8 @@ class MALMENEditor(MENDEditor):
             raise MetaEditError(f"{self.method} keep_earlier must be >= 0, got {keep_earlier}")
         if max_shift is not None and not max_shift > 0:
             raise MetaEditError(f"{self.method} max_shift must be > 0 or null, got {max_shift}")
-        if solve not in ("per_layer", "joint"):
-            raise MetaEditError(f"{self.method} solve must be 'per_layer' or 'joint', got {solve!r}")
+        if solve not in ("per_layer", "joint", "pseudo_span"):
+            raise MetaEditError(f"{self.method} solve must be 'per_layer', 'joint' or 'pseudo_span', got {solve!r}")
         # edit_contrast / transform_delta act on MEND's capture and networks, which MALMEN reuses.
         super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
                          edit_lr_lr=edit_lr_lr, chunk_size=chunk_size, edit_scale=edit_scale,
@@ -188,17 +208,17 @@ class MALMENEditor(MENDEditor):
         # The same statistics as MEND's key whitening, used as the solve's regulariser instead.
         self.covariance = KeyWhitening(self.method, model, inner_params, key_covariance, stats, option="key_covariance")
         self.preserve = PreservedKeys(model, self.inner_params, preserve)
-        if self.preserve.enabled and rows not in ("target", "nonpad"):
+        if self.preserve.enabled and rows not in ("target", "answer", "nonpad"):
             # The bank holds answer-position keys: a subject row's key is not comparable to them.
-            raise MetaEditError(f"{self.method} preserve needs rows=target or rows=nonpad (the bank's keys are "
+            raise MetaEditError(f"{self.method} preserve needs rows=target, answer or nonpad (the bank's keys are "
                                 f"the answer positions'), got rows={rows!r}")
         self.keep_earlier = float(keep_earlier)
         self.max_shift = None if max_shift is None else float(max_shift)
         widths = {(p.d_out, p.side) for p in self.inner_params}
-        if solve == "joint" and rows != "target":
+        if solve == "joint" and rows not in ("target", "answer"):
             # Its rows are positions read at every layer; other modes drop a position wherever its
             # gradient vanishes (nonpad: after the answer in the last blocks; subject rows there too).
-            raise MetaEditError(f"{self.method} solve=joint needs rows=target (the same answer-predicting "
+            raise MetaEditError(f"{self.method} solve=joint needs rows=target or answer (the same answer-predicting "
                                 f"positions at every layer), got rows={rows!r}")
         if solve == "joint" and len(widths) > 1:
             # The joint fit adds the layers' output changes: they must write into one space.
@@ -252,7 +272,7 @@ class MALMENEditor(MENDEditor):
 
     @property
     def _earlier_name(self) -> str:
-        return "earlier" if self.solve == "per_layer" else "earlier_keys"
+        return "earlier_keys" if self.solve == "joint" else "earlier"
 
     def sequence_state(self) -> dict[str, Tensor]:
         return {f"{self._earlier_name}.{i}": g for i, g in enumerate(self.earlier)}
@@ -271,7 +291,7 @@ class MALMENEditor(MENDEditor):
         The joint solve keeps every chunk's rows until it solves, so they add up there too."""
         graph = 3 + 4 * self.n_blocks if torch.is_grad_enabled() else 1
         mb = sum(u.shape[0] * (u.shape[1] + d.shape[1]) for u, d in rows) * 4 * graph / 2**20
-        total = held + mb if torch.is_grad_enabled() or self.solve == "joint" else mb
+        total = held + mb if torch.is_grad_enabled() or self.solve != "per_layer" else mb
         if self.memory_cap_mb is not None and total > self.memory_cap_mb:
             raise MetaEditError(
                 f"malmen: the keys and value shifts need ~{total:.0f} MB (memory_cap_mb={self.memory_cap_mb}); "
@@ -293,10 +313,11 @@ class MALMENEditor(MENDEditor):
 
     def key_value_rows(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
                        params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
-                       ) -> Iterator[tuple[list[tuple[Tensor, Tensor]], list[Tensor]]]:
+                       ) -> Iterator[tuple[list[tuple[Tensor, Tensor]], list[Tensor], list[Tensor]]]:
         """Per chunk of `chunk_size` edits: (keys K, value shifts D) per inner layer, read on the model with
-        `params` (None: the base), and with `preserve` the bank rows nearest each layer's keys (never
-        facts that name an edited subject or whose prompt is in `avoid`; empty without preserve)."""
+        `params` (None: the base), with `preserve` the bank rows nearest each layer's keys (never
+        facts that name an edited subject or whose prompt is in `avoid`; empty without preserve), and
+        the networks' pseudo keys ũ per layer."""
         held = 0.0
         excluded = None
         if self.preserve.enabled:
@@ -313,18 +334,21 @@ class MALMENEditor(MENDEditor):
                 # shifts d = η (u·ũ) δ̃: the change MEND's rank-1 step η δ̃ ũᵀ makes at its own key.
                 kd = [(k, (self.step_size(i) * (k * k_tilde).sum(-1, keepdim=True)) * d_tilde)
                       for i, ((k, _), (k_tilde, d_tilde)) in enumerate(zip(rows, pairs))]
-            yield kd, nearest
+            yield kd, nearest, [k_tilde for k_tilde, _ in pairs]
 
     def normal_equations(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
                          params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
-                         edit_grams: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
+                         edit_grams: list[Tensor] | None = None,
+                         pseudo_keys: list[list[Tensor]] | None = None) -> list[tuple[Tensor, Tensor]]:
         """(KᵀK, DᵀK) per inner layer, summed over chunks (`key_value_rows`). With `preserve`,
         KᵀK + μ K_PᵀK_P: the preserved facts' keys nearest the edits'; in a sequence with keep_earlier,
         + μ_E Σ K_EᵀK_E of the earlier steps. `edit_grams`, when given, receives the edits' own KᵀK per
-        layer (without those terms)."""
+        layer (without those terms); `pseudo_keys`, when given, one list per layer of the chunks' ũ."""
         sums: list[tuple[Tensor, Tensor] | None] = [None] * len(self.inner_params)
         preserved: list[list[Tensor]] = [[] for _ in self.inner_params]
-        for kd, nearest in self.key_value_rows(edit, requests, params, avoid):
+        for kd, nearest, tilde in self.key_value_rows(edit, requests, params, avoid):
+            if pseudo_keys is not None:
+                pseudo_keys.append(tilde)
             for i, rows in enumerate(nearest):
                 preserved[i].append(rows)
             with self._chunk_memory():
@@ -352,7 +376,7 @@ class MALMENEditor(MENDEditor):
         keys: list[list[Tensor]] = [[] for _ in self.inner_params]
         values: list[Tensor] = []
         preserved: list[Tensor] = []
-        for kd, nearest in self.key_value_rows(edit, requests, params, avoid):
+        for kd, nearest, _ in self.key_value_rows(edit, requests, params, avoid):
             preserved.extend(nearest)
             for i, (k, _) in enumerate(kd):
                 keys[i].append(k)
@@ -386,8 +410,13 @@ class MALMENEditor(MENDEditor):
         receives what a sequence keeps of this step (the edits' KᵀK per layer, or their keys when joint)."""
         if self.solve == "joint":
             return self.joint_shifts(edit, requests, params, avoid, edit_grams)
-        sums = self.normal_equations(edit, requests, params, avoid, edit_grams)
+        chunks: list[list[Tensor]] | None = [] if self.solve == "pseudo_span" else None
+        sums = self.normal_equations(edit, requests, params, avoid, edit_grams, chunks)
         ridges = self.covariance.covariances(self, sums[0][0]) if self.covariance.enabled else [None] * len(sums)
+        if chunks is not None:
+            bases = [torch.cat([c[i] for c in chunks]) for i in range(len(sums))]
+            return [solve_in_span(g, c, self.log_lambdas[i], b, r)
+                    for i, ((g, c), b, r) in enumerate(zip(sums, bases, ridges))]
         return [solve_shift(g, c, self.log_lambdas[i], r) for i, ((g, c), r) in enumerate(zip(sums, ridges))]
 
     def shifted(self, shifts: Sequence[Tensor], start: Mapping[str, Tensor] | None = None) -> EditedModel:

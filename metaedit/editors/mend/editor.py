@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from metaedit.editors.base import Editor
 from metaedit.editors.mend.networks import GradientTransform
+from metaedit.editors.rows import answer_mask
 from metaedit.editors.whitening import KeyWhitening
 from metaedit.functional import EditedModel, forward_logits
 from metaedit.hooks import capture_layer_io
@@ -20,8 +21,8 @@ from metaedit.losses import exact_correct, nll, rival_logprob
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditRequest, LMBatch, MetaEditError
 
-RowsMode = Literal["nonpad", "target", "subject", "subject_last"]
-ROWS_MODES: tuple[str, ...] = ("nonpad", "target", "subject", "subject_last")
+RowsMode = Literal["nonpad", "target", "answer", "subject", "subject_last"]
+ROWS_MODES: tuple[str, ...] = ("nonpad", "target", "answer", "subject", "subject_last")
 
 
 class MENDEditor(Editor):
@@ -33,7 +34,9 @@ class MENDEditor(Editor):
         edit_lr: initial value of the learned per-layer step size η_ℓ.
         rows: which positions' (u, δ) pairs make the update. "nonpad" keeps every position with a
             non-zero u and δ (the reference behaviour); "target" keeps only target positions on the
-            output stream (encoder layers keep all); "subject" keeps the subject's tokens and
+            output stream (encoder layers keep all); "answer" only the first of them, the position that
+            predicts the answer's first token (one key per edit: the positions inside the target read
+            the target's own tokens, which a neighbour's answer is scored on too); "subject" keeps the subject's tokens and
             "subject_last" its last token, on the stream the prompt is read on (decoder layers of a
             seq2seq model keep all): a key taken where the subject is read differs between facts
             that share a template, so the update moves their answers less (DESIGN §2, locality).
@@ -186,13 +189,13 @@ class MENDEditor(Editor):
                 loss = loss + self.edit_contrast * rival_logprob(logits, edit.targets).sum()
             outputs = [io[p.module_name][1] for p in self.inner_params]
             deltas = torch.autograd.grad(loss, outputs)
-        target_mask = (edit.targets != -100).reshape(-1)
+        target_mask = answer_mask(edit.targets, first_only=self.rows == "answer").reshape(-1)
         rows = []
         for p, delta in zip(self.inner_params, deltas):
             u = io[p.module_name][0].reshape(-1, p.d_in)
             d = delta.reshape(-1, p.d_out)
             keep = (u != 0).any(-1) & (d != 0).any(-1)  # padding rows contribute nothing
-            if self.rows == "target" and p.side == "output" and target_mask.numel() == keep.numel():
+            if self.rows in ("target", "answer") and p.side == "output" and target_mask.numel() == keep.numel():
                 keep &= target_mask.to(keep.device)
             elif subject_mask is not None and (p.side == "input" or edit.decoder_input_ids is None):
                 # The prompt is read on the input stream (causal LMs: their only stream); a seq2seq
