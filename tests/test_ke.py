@@ -67,9 +67,11 @@ def test_ke_subject_rows_sum_only_the_subjects_positions(make_editor, rows):
             assert (g_all[i] - want).norm() > 1e-3 * want.norm(), (p.name, i)  # other positions really count
     assert encoder_layers > 0
     with pytest.raises(MetaEditError, match="rows must be one of"):
-        make_editor("ke", "tiny-t5", rows="answer")
+        make_editor("ke", "tiny-t5", rows="answers")
     with pytest.raises(MetaEditError, match="causal LMs"):
         make_editor("ke", "tiny-t5", rows="target")
+    with pytest.raises(MetaEditError, match="causal LMs"):
+        make_editor("ke", "tiny-t5", rows="answer")
     with pytest.raises(MetaEditError, match="one edit request per edit"):
         ed.per_edit_gradients(batch)
 
