@@ -288,7 +288,7 @@ class MALMENEditor(MENDEditor):
     def _check_memory(self, rows: Sequence[tuple[Tensor, Tensor]], held: float) -> float:
         """MB of this chunk's K/D rows (×(3 + 4·n_blocks) when an autograd graph keeps the networks'
         activations for the backward, which then lives until the step's end); raises past the cap.
-        The joint solve keeps every chunk's rows until it solves, so they add up there too."""
+        The joint and span solves keep every chunk's rows (keys, or pseudo keys) until they solve, so they add up there too."""
         graph = 3 + 4 * self.n_blocks if torch.is_grad_enabled() else 1
         mb = sum(u.shape[0] * (u.shape[1] + d.shape[1]) for u, d in rows) * 4 * graph / 2**20
         total = held + mb if torch.is_grad_enabled() or self.solve != "per_layer" else mb
