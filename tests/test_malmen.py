@@ -13,7 +13,7 @@ from metaedit.editors.io import build_editor, load_editor, save_editor
 from metaedit.editors.malmen import solve_shift
 from metaedit.editors.malmen.editor import normal_terms, solve_in_span, solve_joint
 from metaedit.functional import forward_logits
-from metaedit.losses import exact_correct, nll
+from metaedit.losses import exact_correct, mean_target_logprob, nll
 from metaedit.models.inner_params import resolve_inner_params
 from metaedit.system import EditorSystem
 from metaedit.types import MetaEditError
@@ -794,3 +794,59 @@ def test_preserve_refuses_a_bad_setting(make_editor, tmp_path):
     ed = make_editor("malmen", "tiny-llama", preserve={"data": str(tmp_path / "none")})
     with pytest.raises(MetaEditError, match="no train.json"):
         ed.prepare()
+
+
+def test_calibrate_gives_each_edit_the_smallest_scale_that_reaches_its_probability(make_editor):
+    """calibrate p (edit time): edit i's value shifts are scaled by its own a_i in [1/16, calibrate_max], found by
+    bisection so that its target just reaches mean token probability p; the shift is the per-layer
+    solve of the same normal equations with DᵀK = Σ_i a_i D_iᵀK_i. One solve's value shifts reach the
+    three targets unevenly (0.17 / 0.29 / 0.74 here); calibrated, the two overshot edits get smaller
+    shifts, the short one a larger, and all three end near p; half the scales leave them short."""
+    ed = make_editor("malmen", "tiny-gpt2", rows="target")
+    reqs = requests(3)
+    batch = ed.formatter.batch(*zip(*reqs))
+    ed.train()
+    ed.transform(ed.capture(batch))  # running statistics; the networks stay at their initial (identity)
+    ed.eval()                        # map: each value shift is a gradient-descent step
+
+    def probs(edited):
+        return mean_target_logprob(forward_logits(ed.model, batch, edited.params), batch.targets).exp()
+
+    with torch.no_grad():
+        ed.edit_lrs.fill_(1e-2)
+        free = probs(ed.shifted(ed.weight_shifts(batch)))
+        assert float(free[0]) < 0.2 < float(free[1]) < float(free[2]), free
+        ed.calibrate = 0.2
+        edited = ed.apply_edits(batch, reqs)
+        scales = ed.calibrated_scales
+        assert scales is not None and float(scales[2]) < float(scales[1]) < 1 < float(scales[0]), scales
+        got = probs(edited)
+        assert bool(((got > 0.18) & (got < 0.25)).all()), got
+        # The same solve with each edit's rows scaled: KᵀK unchanged, DᵀK = Σ_i a_i D_iᵀK_i.
+        rows, owners = [], []
+        for kd, _, _ in ed.key_value_rows(batch, reqs, owners=owners):
+            rows.append(kd)
+
+        def solved(a):
+            out = []
+            for i, lam in enumerate(ed.log_lambdas):
+                owner = torch.cat([o[i] for o in owners])
+                assert sorted(set(owner.tolist())) == [0, 1, 2]
+                k, d = torch.cat([c[i][0] for c in rows]), torch.cat([c[i][1] for c in rows])
+                out.append(solve_shift(*normal_terms(k, d * a[owner][:, None]), lam))
+            return out
+
+        for p, want in zip(ed.inner_params, solved(scales)):
+            shift = ed.model.get_parameter(p.name) - edited.params[p.name]
+            torch.testing.assert_close(shift.T if p.transposed else shift, want, rtol=1e-3, atol=1e-6)
+        assert bool((probs(ed.shifted(solved(scales / 2))) < 0.2).all())
+        # calibrate_max 1: only shrinks; the edit short of p at the networks' own scale keeps it.
+        ed.calibrate_max = 1.0
+        ed.apply_edits(batch, reqs)
+        assert float(ed.calibrated_scales[0]) == 1.0 and bool((ed.calibrated_scales[1:] < 1).all()), ed.calibrated_scales
+    with pytest.raises(MetaEditError, match="calibrate_max must be > 1/16"):
+        make_editor("malmen", "tiny-gpt2", calibrate=0.5, calibrate_max=0.05)
+    with pytest.raises(MetaEditError, match="calibrate must be a probability"):
+        make_editor("malmen", "tiny-gpt2", calibrate=1.5)
+    with pytest.raises(MetaEditError, match="calibrate needs solve=per_layer"):
+        make_editor("malmen", "tiny-gpt2", rows="target", solve="joint", calibrate=0.5)

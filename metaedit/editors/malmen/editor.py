@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -16,9 +18,11 @@ from metaedit.editors.preserve import PreservedKeys, PreserveSpec
 from metaedit.editors.whitening import KeyWhitening
 from metaedit.functional import EditedModel
 from metaedit.locate.stats import StatsSpec
-from metaedit.losses import exact_correct
+from metaedit.losses import exact_correct, mean_target_logprob
 from metaedit.models.inner_params import InnerParam
 from metaedit.types import EditBatch, EditRequest, LMBatch, MetaEditError
+
+log = logging.getLogger(__name__)
 
 
 def solve_shift(gram: Tensor, cross: Tensor, log_lambda: Tensor, ridge: Tensor | None = None) -> Tensor:
@@ -158,6 +162,16 @@ class MALMENEditor(MENDEditor):
             keys ũ (`solve_in_span`): the networks choose the update's directions, as MEND's, and the
             solve still fits the real keys (a key the layer reads only near a pseudo key's direction,
             a neighbour's, then moves only as far as that direction reaches it).
+        calibrate: None, or p in (0, 1), edit time only (per_layer solves): each edit's value shifts
+            (all its rows, every layer) get their own scale a_i in [1/16, calibrate_max], the smallest at which
+            the edited model gives its own target a mean token probability ≥ p, found by bisection on
+            log a over `calibrate_steps` solves of the same normal equations (no further forward or
+            backward through the networks, one forward over the edit prompts per step). The networks'
+            one-step shifts overshoot some edits by far and miss others; an overshoot reaches the
+            edit's neighbours, whose keys share its template, in proportion (`calibrated_shifts`).
+        calibrate_steps: bisection steps of `calibrate`.
+        calibrate_max: the top of the bracket: the scale an edit gets that reaches p at no scale tried
+            (1: calibration only shrinks the networks' shifts).
         max_shift: None, or c > 0: each solve's ΔW_ℓ is scaled down to at most c·‖W_ℓ‖ (in training too)
             (Frobenius, W_ℓ the weights it is applied to). A guard for long sequences: there an
             edited block's larger outputs make larger keys at the blocks above, whose solves then
@@ -190,6 +204,9 @@ class MALMENEditor(MENDEditor):
         keep_earlier: float = 0.0,
         max_shift: float | None = None,
         solve: SolveMode = "per_layer",
+        calibrate: float | None = None,
+        calibrate_steps: int = 6,
+        calibrate_max: float = 2.0,
     ) -> None:
         if lambda_lr is not None and not lambda_lr > 0:
             raise MetaEditError(f"{self.method} lambda_lr must be > 0 or null, got {lambda_lr}")
@@ -199,6 +216,15 @@ class MALMENEditor(MENDEditor):
             raise MetaEditError(f"{self.method} max_shift must be > 0 or null, got {max_shift}")
         if solve not in ("per_layer", "joint", "pseudo_span"):
             raise MetaEditError(f"{self.method} solve must be 'per_layer', 'joint' or 'pseudo_span', got {solve!r}")
+        if calibrate is not None and not 0 < calibrate < 1:
+            raise MetaEditError(f"{self.method} calibrate must be a probability in (0, 1) or null, got {calibrate}")
+        if calibrate is not None and solve != "per_layer":
+            raise MetaEditError(f"{self.method} calibrate needs solve=per_layer (it rescales each edit's rows in the "
+                                f"per-layer normal equations), got solve={solve!r}")
+        if calibrate_steps < 1:
+            raise MetaEditError(f"{self.method} calibrate_steps must be >= 1, got {calibrate_steps}")
+        if not calibrate_max > 1 / 16:
+            raise MetaEditError(f"{self.method} calibrate_max must be > 1/16 (the bracket's bottom), got {calibrate_max}")
         # edit_contrast / transform_delta act on MEND's capture and networks, which MALMEN reuses.
         super().__init__(model, inner_params, rank=rank, edit_lr=edit_lr, rows=rows, n_blocks=n_blocks, act=act,
                          edit_lr_lr=edit_lr_lr, chunk_size=chunk_size, edit_scale=edit_scale,
@@ -226,6 +252,9 @@ class MALMENEditor(MENDEditor):
                                 f"residual stream: e.g. every block's mlp.down_proj); got outputs of widths "
                                 f"{sorted(w for w, _ in widths)} — use solve=per_layer or other inner_params")
         self.solve: SolveMode = solve
+        self.calibrate = None if calibrate is None else float(calibrate)
+        self.calibrate_steps, self.calibrate_max = int(calibrate_steps), float(calibrate_max)
+        self.calibrated_scales: Tensor | None = None  # the last calibrated edit's a_i
         # The sequence's earlier steps, per inner layer (float32): Σ KᵀK for per-layer solves, the keys
         # themselves [rows, d_in] for the joint one (its rows are positions read at every layer).
         self.earlier: list[Tensor] = []
@@ -237,7 +266,8 @@ class MALMENEditor(MENDEditor):
         return {**mend, "lambda_init": self.lambda_init, "memory_cap_mb": self.memory_cap_mb,
                 "key_covariance": self.covariance.rho, "stats": self.covariance.stats.to_dict(), "lambda_lr": self.lambda_lr,
                 "preserve": None if self.preserve.spec is None else self.preserve.spec.to_dict(),
-                "keep_earlier": self.keep_earlier, "max_shift": self.max_shift, "solve": self.solve}
+                "keep_earlier": self.keep_earlier, "max_shift": self.max_shift, "solve": self.solve,
+                "calibrate": self.calibrate, "calibrate_steps": self.calibrate_steps, "calibrate_max": self.calibrate_max}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         # MEND's groups without λ, and λ in its own (no weight decay: it would pull λ towards 0, i.e.
@@ -313,12 +343,15 @@ class MALMENEditor(MENDEditor):
 
     def key_value_rows(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
                        params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
+                       owners: list[list[Tensor]] | None = None,
                        ) -> Iterator[tuple[list[tuple[Tensor, Tensor]], list[Tensor], list[Tensor]]]:
         """Per chunk of `chunk_size` edits: (keys K, value shifts D) per inner layer, read on the model with
         `params` (None: the base), with `preserve` the bank rows nearest each layer's keys (never
         facts that name an edited subject or whose prompt is in `avoid`; empty without preserve), and
-        the networks' pseudo keys ũ per layer."""
+        the networks' pseudo keys ũ per layer. `owners`, when given, receives per chunk and layer the
+        edit (row of `edit`) each key belongs to."""
         held = 0.0
+        start = 0
         excluded = None
         if self.preserve.enabled:
             self.preserve.prepare(self)
@@ -326,7 +359,11 @@ class MALMENEditor(MENDEditor):
                                                    [*(edit.prompts or ()), *avoid])
         for part, part_requests in self.chunks(edit, requests):
             with self._chunk_memory():
-                rows = self.capture(part, part_requests, params)
+                chunk_owners: list[Tensor] = []
+                rows = self.capture(part, part_requests, params, chunk_owners)
+                if owners is not None:
+                    owners.append([o + start for o in chunk_owners])
+                start += len(part)
                 held = self._check_memory(rows, held)
                 nearest = [] if excluded is None else [self.preserve.nearest(i, k, excluded) for i, (k, _) in enumerate(rows)]
                 pairs = self.transform(rows)
@@ -339,16 +376,21 @@ class MALMENEditor(MENDEditor):
     def normal_equations(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
                          params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
                          edit_grams: list[Tensor] | None = None,
-                         pseudo_keys: list[list[Tensor]] | None = None) -> list[tuple[Tensor, Tensor]]:
+                         pseudo_keys: list[list[Tensor]] | None = None,
+                         edit_rows: list[list[tuple[Tensor, Tensor, Tensor]]] | None = None) -> list[tuple[Tensor, Tensor]]:
         """(KᵀK, DᵀK) per inner layer, summed over chunks (`key_value_rows`). With `preserve`,
         KᵀK + μ K_PᵀK_P: the preserved facts' keys nearest the edits'; in a sequence with keep_earlier,
         + μ_E Σ K_EᵀK_E of the earlier steps. `edit_grams`, when given, receives the edits' own KᵀK per
-        layer (without those terms); `pseudo_keys`, when given, one list per layer of the chunks' ũ."""
+        layer (without those terms); `pseudo_keys`, when given, one list per layer of the chunks' ũ;
+        `edit_rows`, when given, per chunk and layer the rows themselves (K, D, the edit of each row)."""
         sums: list[tuple[Tensor, Tensor] | None] = [None] * len(self.inner_params)
         preserved: list[list[Tensor]] = [[] for _ in self.inner_params]
-        for kd, nearest, tilde in self.key_value_rows(edit, requests, params, avoid):
+        owners: list[list[Tensor]] = []
+        for kd, nearest, tilde in self.key_value_rows(edit, requests, params, avoid, owners):
             if pseudo_keys is not None:
                 pseudo_keys.append(tilde)
+            if edit_rows is not None:
+                edit_rows.append([(k, d, o) for (k, d), o in zip(kd, owners[-1])])
             for i, rows in enumerate(nearest):
                 preserved[i].append(rows)
             with self._chunk_memory():
@@ -419,6 +461,51 @@ class MALMENEditor(MENDEditor):
                     for i, ((g, c), b, r) in enumerate(zip(sums, bases, ridges))]
         return [solve_shift(g, c, self.log_lambdas[i], r) for i, ((g, c), r) in enumerate(zip(sums, ridges))]
 
+    def calibrated_shifts(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
+                          edit_grams: list[Tensor] | None = None) -> list[Tensor]:
+        """`weight_shifts` (per_layer) with edit i's value shifts D_i scaled by its own a_i (`calibrate`):
+        DᵀK = Σ_i a_i D_iᵀK_i, the left side KᵀK + μK_PᵀK_P + e^λR unchanged (preserved facts and kept
+        earlier keys stay fitted to zero), so the rows are read and each layer's system factored once
+        and every bisection step is a back-substitution and one forward over the edit prompts. a_i is
+        the upper end of edit i's bracket: the smallest scale tried at which its target reached
+        probability p, or the bracket's top (calibrate_max) where none did."""
+        rows: list[list[tuple[Tensor, Tensor, Tensor]]] = []
+        with torch.no_grad():
+            sums = self.normal_equations(edit, requests, edit_grams=edit_grams, edit_rows=rows)
+            ridges = self.covariance.covariances(self, sums[0][0]) if self.covariance.enabled else [None] * len(sums)
+            layers = []
+            for i, ((gram, _), ridge) in enumerate(zip(sums, ridges)):
+                dtype = _solve_dtype(gram.dtype)
+                reg = torch.eye(gram.shape[0], dtype=dtype, device=gram.device) if ridge is None else ridge.to(dtype)
+                with torch.autocast(gram.device.type, enabled=False):  # never a bf16 solve (normal_terms)
+                    lu = torch.linalg.lu_factor(gram.to(dtype) + self.log_lambdas[i].exp().to(dtype) * reg)
+                k, d, owner = (torch.cat([c[i][j] for c in rows]) for j in range(3))
+                layers.append((lu, k.to(dtype), d.to(dtype), owner))
+
+            def shifts_at(log2_scale: Tensor) -> list[Tensor]:
+                out = []
+                for lu, k, d, owner in layers:
+                    scale = torch.exp2(log2_scale).to(d.device, d.dtype)[owner.to(d.device)]
+                    with torch.autocast(k.device.type, enabled=False):
+                        out.append(torch.linalg.lu_solve(*lu, k.T @ (d * scale[:, None])).T)
+                return out
+
+            top = math.log2(self.calibrate_max)
+            lo = torch.full((len(edit),), -4.0)  # a in [1/16, calibrate_max]: the networks' own scale is 1
+            hi = torch.full((len(edit),), top)
+            floor = math.log(self.calibrate) if self.calibrate is not None else 0.0
+            for _ in range(self.calibrate_steps):
+                mid = (lo + hi) / 2
+                edited = self.shifted(self.bounded(shifts_at(mid)))
+                reached = torch.cat([mean_target_logprob(edited.logits(part), part.targets).cpu()
+                                     for part, _ in self.chunks(edit, None)]) >= floor
+                hi, lo = torch.where(reached, mid, hi), torch.where(reached, lo, mid)
+            self.calibrated_scales = torch.exp2(hi)  # what each edit got (diagnostics, tests)
+            a = self.calibrated_scales
+            log.info("calibrate p=%g: edit scales min %.3g median %.3g max %.3g; %d of %d short of p at the top (%g)",
+                     self.calibrate, a.min(), a.median(), a.max(), int((hi >= top).sum()), len(a), self.calibrate_max)
+            return shifts_at(hi)
+
     def shifted(self, shifts: Sequence[Tensor], start: Mapping[str, Tensor] | None = None) -> EditedModel:
         """The model with W' = W − ΔW on every inner layer, W the base's weights or `start`'s (Conv1D
         stores W as [d_in, d_out])."""
@@ -448,7 +535,9 @@ class MALMENEditor(MENDEditor):
         # landed (small gradient, small value shift) holds its fit while the others get another shift
         # — MEMIT's value shifts are ~15 such steps on one layer, MALMEN's one.
         grams: list[Tensor] | None = [] if self._keeps_earlier else None
-        edited = self.shifted(self.bounded(self.weight_shifts(edit, requests, edit_grams=grams)))
+        calibrated = self.calibrate is not None and not self.training  # edit time only
+        shifts = self.calibrated_shifts(edit, requests, grams) if calibrated else self.weight_shifts(edit, requests, edit_grams=grams)
+        edited = self.shifted(self.bounded(shifts))
         for _ in range(1, 1 if self.training else self.edit_steps):
             with torch.no_grad():
                 if exact_correct(edited.logits(edit), edit.targets).all():

@@ -168,10 +168,12 @@ class MENDEditor(Editor):
         return state
 
     def capture(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
-                params: Mapping[str, Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
+                params: Mapping[str, Tensor] | None = None, owners: list[Tensor] | None = None,
+                ) -> list[tuple[Tensor, Tensor]]:
         """(u, δ) rows for every inner layer: one forward + a backward that stops at the earliest
         inner layer (autograd.grad w.r.t. layer outputs only, never into base parameters).
-        `requests` (one per row of `edit`) are needed by the subject row modes."""
+        `requests` (one per row of `edit`) are needed by the subject row modes. `owners`, when given,
+        receives per inner layer the edit (row of `edit`) each kept row belongs to."""
         subject_mask = None
         if self.rows in ("subject", "subject_last"):
             if requests is None or len(requests) != len(edit):
@@ -192,7 +194,8 @@ class MENDEditor(Editor):
         target_mask = answer_mask(edit.targets, first_only=self.rows == "answer").reshape(-1)
         rows = []
         for p, delta in zip(self.inner_params, deltas):
-            u = io[p.module_name][0].reshape(-1, p.d_in)
+            x = io[p.module_name][0]
+            u = x.reshape(-1, p.d_in)
             d = delta.reshape(-1, p.d_out)
             keep = (u != 0).any(-1) & (d != 0).any(-1)  # padding rows contribute nothing
             if self.rows in ("target", "answer") and p.side == "output" and target_mask.numel() == keep.numel():
@@ -203,6 +206,8 @@ class MENDEditor(Editor):
                 keep &= subject_mask
             # In the networks' dtype: float32, unless the editor was converted (float64 for exact checks).
             rows.append((u[keep].to(self.edit_lrs.dtype), d[keep].to(self.edit_lrs.dtype)))
+            if owners is not None:  # x is [edits, positions, d_in]: a row's edit is its first index
+                owners.append(torch.arange(x.shape[0], device=keep.device).repeat_interleave(u.shape[0] // x.shape[0])[keep])
         return rows
 
     def transform(self, rows: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
