@@ -469,6 +469,9 @@ class MALMENEditor(MENDEditor):
         and every bisection step is a back-substitution and one forward over the edit prompts. a_i is
         the upper end of edit i's bracket: the smallest scale tried at which its target reached
         probability p, or the bracket's top (calibrate_max) where none did."""
+        if self.calibrate is None:
+            raise MetaEditError(f"{self.method}: calibrated_shifts needs calibrate=p (the target probability)")
+        floor = math.log(self.calibrate)
         rows: list[list[tuple[Tensor, Tensor, Tensor]]] = []
         with torch.no_grad():
             sums = self.normal_equations(edit, requests, edit_grams=edit_grams, edit_rows=rows)
@@ -493,7 +496,6 @@ class MALMENEditor(MENDEditor):
             top = math.log2(self.calibrate_max)
             lo = torch.full((len(edit),), -4.0)  # a in [1/16, calibrate_max]: the networks' own scale is 1
             hi = torch.full((len(edit),), top)
-            floor = math.log(self.calibrate) if self.calibrate is not None else 0.0
             for _ in range(self.calibrate_steps):
                 mid = (lo + hi) / 2
                 edited = self.shifted(self.bounded(shifts_at(mid)))
