@@ -359,9 +359,9 @@ class MALMENEditor(MENDEditor):
                                                    [*(edit.prompts or ()), *avoid])
         for part, part_requests in self.chunks(edit, requests):
             with self._chunk_memory():
-                chunk_owners: list[Tensor] = []
+                chunk_owners: list[Tensor] | None = None if owners is None else []  # only when asked: per-row work
                 rows = self.capture(part, part_requests, params, chunk_owners)
-                if owners is not None:
+                if owners is not None and chunk_owners is not None:
                     owners.append([o + start for o in chunk_owners])
                 start += len(part)
                 held = self._check_memory(rows, held)
@@ -385,11 +385,11 @@ class MALMENEditor(MENDEditor):
         `edit_rows`, when given, per chunk and layer the rows themselves (K, D, the edit of each row)."""
         sums: list[tuple[Tensor, Tensor] | None] = [None] * len(self.inner_params)
         preserved: list[list[Tensor]] = [[] for _ in self.inner_params]
-        owners: list[list[Tensor]] = []
+        owners: list[list[Tensor]] | None = None if edit_rows is None else []
         for kd, nearest, tilde in self.key_value_rows(edit, requests, params, avoid, owners):
             if pseudo_keys is not None:
                 pseudo_keys.append(tilde)
-            if edit_rows is not None:
+            if edit_rows is not None and owners is not None:
                 edit_rows.append([(k, d, o) for (k, d), o in zip(kd, owners[-1])])
             for i, rows in enumerate(nearest):
                 preserved[i].append(rows)
