@@ -39,8 +39,7 @@ def solve_shift(gram: Tensor, cross: Tensor, log_lambda: Tensor, ridge: Tensor |
     with torch.autocast(gram.device.type, enabled=False):  # see normal_terms: never a bf16 solve
         dtype = _solve_dtype(gram.dtype, cross.dtype)
         gram, cross = gram.to(dtype), cross.to(dtype)
-        reg = torch.eye(gram.shape[0], dtype=dtype, device=gram.device) if ridge is None else ridge.to(dtype)
-        return torch.linalg.solve(gram + log_lambda.exp().to(dtype) * reg, cross.T).T
+        return torch.linalg.solve(_regularised(gram, log_lambda, ridge), cross.T).T
 
 
 def solve_in_span(gram: Tensor, cross: Tensor, log_lambda: Tensor, basis: Tensor, ridge: Tensor | None = None) -> Tensor:
@@ -54,8 +53,7 @@ def solve_in_span(gram: Tensor, cross: Tensor, log_lambda: Tensor, basis: Tensor
         dtype = _solve_dtype(gram.dtype, cross.dtype, basis.dtype)
         gram, cross = gram.to(dtype), cross.to(dtype)
         q, _ = torch.linalg.qr(basis.to(dtype).T)  # [d_in, min(n, d_in)], orthonormal columns
-        reg = torch.eye(gram.shape[0], dtype=dtype, device=gram.device) if ridge is None else ridge.to(dtype)
-        reduced = q.T @ (gram + log_lambda.exp().to(dtype) * reg) @ q
+        reduced = q.T @ _regularised(gram, log_lambda, ridge) @ q
         return (q @ torch.linalg.solve(reduced, q.T @ cross.T)).T
 
 
@@ -86,6 +84,12 @@ def solve_joint(keys: Sequence[Tensor], values: Tensor, log_lambdas: Tensor,
             gram = gram + k @ read
         alpha = torch.linalg.solve(gram, values.to(dtype))
         return [(read @ alpha).T for read in reads]
+
+
+def _regularised(gram: Tensor, log_lambda: Tensor, ridge: Tensor | None) -> Tensor:
+    """KᵀK + e^λ R (R = I unless `ridge`), in gram's dtype: the left side of every per-layer solve."""
+    reg = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) if ridge is None else ridge.to(gram.dtype)
+    return gram + log_lambda.exp().to(gram.dtype) * reg
 
 
 def _solve_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -479,9 +483,8 @@ class MALMENEditor(MENDEditor):
             layers = []
             for i, ((gram, _), ridge) in enumerate(zip(sums, ridges)):
                 dtype = _solve_dtype(gram.dtype)
-                reg = torch.eye(gram.shape[0], dtype=dtype, device=gram.device) if ridge is None else ridge.to(dtype)
                 with torch.autocast(gram.device.type, enabled=False):  # never a bf16 solve (normal_terms)
-                    lu = torch.linalg.lu_factor(gram.to(dtype) + self.log_lambdas[i].exp().to(dtype) * reg)
+                    lu = torch.linalg.lu_factor(_regularised(gram.to(dtype), self.log_lambdas[i], ridge))
                 k, d, owner = (torch.cat([c[i][j] for c in rows]) for j in range(3))
                 layers.append((lu, k.to(dtype), d.to(dtype), owner))
 
