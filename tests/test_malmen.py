@@ -744,6 +744,121 @@ def test_preserved_facts_are_fitted_to_a_zero_shift_and_never_the_edited_subject
     torch.testing.assert_close(again.preserve._keys[0], bank._keys[0])
 
 
+def test_subject_swaps_put_training_subjects_into_the_edit_template_and_are_fitted_to_zero(make_editor, tiny, tmp_path):
+    """preserve.swaps: each edit's prompt with other subjects — those training facts name in the same
+    template, never an edited subject or a prompt the step scores — followed by the edit's new object;
+    the solve adds μ_S K_SᵀK_S over their answer-predicting keys (the same DᵀK), so at a large μ_S their
+    outputs barely move while the edits' still do; bad settings are refused; the setting round-trips."""
+    from metaedit.editors.preserve import PreserveSpec
+    from metaedit.types import EditRequest
+    from tests.test_editors import TEST_SUBJECTS, WORLD
+
+    train_subjects = [s for s in WORLD.subjects if WORLD.split_of[s] == "train"][:12]
+    data = tmp_path / "data"
+    data.mkdir()
+    # The first test subject's fact is in the training split: it must never be swapped into an edit.
+    (data / "train.json").write_text(json.dumps(_fact_records(train_subjects + TEST_SUBJECTS[:1])))
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(2))]
+    spec = {"data": str(data), "weight": 1.0, "top_k": 3, "max_facts": None, "swaps": 3}
+    ed = make_editor("malmen", "tiny-llama", rows="target", preserve=spec)
+    ed.cache_dir = str(tmp_path / "cache")
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    _non_trivial(ed, batch, reqs)
+    bank = ed.preserve
+    bank.prepare(ed)
+    pairs = bank.swap_prompts(reqs)
+    assert len(pairs) == 6 and pairs == bank.swap_prompts(reqs)  # 3 per edit, a seeded choice
+    for j, r in enumerate(reqs):
+        for prompt, target in pairs[3 * j : 3 * j + 3]:
+            other = prompt.removeprefix("The capital of ").removesuffix(" is")
+            assert target == r.target and other in train_subjects  # the edit's template and new object
+    # A prompt the step scores is never a swap; an edit without its subject in the prompt has none.
+    assert pairs[0][0] not in [p for p, _ in bank.swap_prompts(reqs, avoid=[pairs[0][0]])]
+    assert bank.swap_prompts([EditRequest("Paris is the capital of", "France", "Rome")]) == []
+
+    def unswapped(fn, *args):  # the same editor's sums / shifts without the swaps
+        kept = bank.spec
+        bank.spec = dataclasses.replace(kept, swaps=0)
+        try:
+            return fn(*args)
+        finally:
+            bank.spec = kept
+
+    with torch.no_grad():
+        ed.log_lambdas.fill_(-4.0)
+        swapped = ed.formatter.batch([p for p, _ in pairs], [t for _, t in pairs])
+        with_s, without = ed.normal_equations(batch, reqs), unswapped(ed.normal_equations, batch, reqs)
+        for i, ((g1, c1), (g0, c0)) in enumerate(zip(with_s, without)):
+            ks = ed.capture(swapped, [EditRequest(p, t) for p, t in pairs])[i][0]  # target rows, read as edits
+            torch.testing.assert_close(g1, g0 + ks.T @ ks, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(c1, c0)
+        bank.spec = dataclasses.replace(bank.spec, swap_weight=1e4)
+        i = len(ed.inner_params) - 1
+        ks = ed.capture(swapped, [EditRequest(p, t) for p, t in pairs])[i][0]
+        ki = ed.capture(batch, reqs)[i][0]
+        shift, shift0 = ed.weight_shifts(batch, reqs)[i], unswapped(ed.weight_shifts, batch, reqs)[i]
+        assert (ks @ shift.T).norm() < 0.05 * (ks @ shift0.T).norm()
+        assert (ki @ shift.T).norm() > 0.2 * (ki @ shift0.T).norm()
+        # ENN's and KE's preserved columns (√μ K_Pᵀ) end with the swaps' (√μ_S K_Sᵀ).
+        cols = bank.for_step(ed, [ed.capture(batch, reqs)[j][0] for j in range(len(ed.inner_params))], batch, reqs)[i]
+        torch.testing.assert_close(cols[:, -ks.shape[0]:], 1e2 * ks.T, rtol=1e-4, atol=1e-4)
+    for bad, field in (({"swaps": -1}, "swaps"), ({"swap_weight": 0.0}, "swap_weight")):
+        with pytest.raises(MetaEditError, match=f"preserve.{field} must be"):
+            PreserveSpec(data=str(data), **bad)
+    bank.spec = dataclasses.replace(bank.spec, swap_weight=1.0)
+    saved = save_editor(ed, tmp_path / "ed")
+    model, tok, _ = tiny("tiny-llama")
+    loaded = load_editor(saved, model=model, tokenizer=tok, cache_dir=tmp_path / "cache")
+    assert loaded.preserve.spec is not None and loaded.preserve.spec.swaps == 3
+
+
+def test_rephrase_writes_each_edit_also_in_its_relations_training_phrasings(make_editor, tmp_path):
+    """rephrase (edit time only): each edit is also written, as further edits, in the rephrase templates
+    of the training records whose edit prompt shares its template, filled with its own subject and
+    target; the shift is then the solve over the edits and those rephrasings together. Training steps
+    are not expanded; an edit without its subject in the prompt gets none; bad settings are refused;
+    the setting round-trips."""
+    from metaedit.editors.rephrase import RephraseSpec
+    from metaedit.types import EditRequest
+    from tests.test_editors import TEST_SUBJECTS, WORLD
+
+    data = tmp_path / "data"
+    data.mkdir()
+    train_subjects = [s for s in WORLD.subjects if WORLD.split_of[s] == "train"][:4]
+    (data / "train.json").write_text(json.dumps(_fact_records(train_subjects)))  # rephrase: "<X>'s capital is"
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(2))]
+    ed = make_editor("malmen", "tiny-llama", rows="target", rephrase={"data": str(data), "per_edit": 2})
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    _non_trivial(ed, batch, reqs)
+    extra = ed.rephrase.expand(reqs)
+    assert extra == [EditRequest(f"{r.subject}'s capital is", r.target, r.subject) for r in reqs]
+    assert ed.rephrase.expand([EditRequest("Paris is the capital of", "France", "Rome")]) == []
+    both = [*reqs, *extra]
+    with torch.no_grad():
+        ed.log_lambdas.fill_(-4.0)
+        shifts = ed.apply_edits(batch, reqs).params
+        expected = ed.shifted(ed.weight_shifts(ed.formatter.batch([r.prompt for r in both], [r.target for r in both]), both)).params
+        plain = ed.shifted(ed.weight_shifts(batch, reqs)).params
+    for name in shifts:
+        torch.testing.assert_close(shifts[name], expected[name])
+        assert not torch.allclose(shifts[name], plain[name])
+    ed.train()  # a training step's solve sees its own edits only
+
+    def expand_in_training(_):
+        raise AssertionError("rephrasings added in training")
+
+    ed.rephrase.expand = expand_in_training
+    with torch.no_grad():
+        ed.apply_edits(batch, reqs)
+    ed.eval()
+    with pytest.raises(MetaEditError, match="rephrase.per_edit must be >= 1"):
+        RephraseSpec(data=str(data), per_edit=0)
+    with pytest.raises(MetaEditError, match="rephrase: .*fields: data, per_edit, seed"):
+        RephraseSpec.coerce({"data": str(data), "templates": 3})
+    saved = save_editor(ed, tmp_path / "ed")
+    assert json.loads((saved / "editor_config.json").read_text())["hparams"]["rephrase"]["per_edit"] == 2
+
+
 def test_joint_solve_fits_the_preserved_facts_summed_change_to_zero(tiny, tmp_path):
     """solve=joint with preserve: the bank rows nearest the edits' keys at any layer join the one solve
     as rows whose summed output change over the layers is fitted to zero; at a large μ that sum barely

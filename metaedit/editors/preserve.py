@@ -33,7 +33,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +67,12 @@ class PreserveSpec:
     top_k: bank keys kept per edit row and layer (the nearest by cosine; the union over the batch).
     max_facts: facts read into the bank (a seeded sample when the split states more). Reading costs
         one forward per fact (~4000 facts a minute per thread on SmolLM2-135M); the bank is cached.
+    swaps: subject swaps per edit (0: none; `PreservedKeys.swap_keys`): the edit's own prompt with
+        another subject in it — one the training facts name in that same template — followed by the
+        edit's *new* object, read at its answer-predicting positions and fitted to a zero shift with
+        weight `swap_weight`. The bank holds true facts with their own objects; a neighbour also
+        fails when the update teaches the new object's later tokens ("Ou" → "guiya") in the edit's
+        template whatever the subject, and the swapped prompts are those keys.
     """
 
     data: str
@@ -75,10 +81,16 @@ class PreserveSpec:
     max_facts: int | None = 4000
     seed: int = 0
     batch_size: int = 64
+    swaps: int = 0
+    swap_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.weight > 0:
             raise MetaEditError(f"preserve.weight must be > 0, got {self.weight}")
+        if self.swaps < 0:
+            raise MetaEditError(f"preserve.swaps must be >= 0, got {self.swaps}")
+        if not self.swap_weight > 0:
+            raise MetaEditError(f"preserve.swap_weight must be > 0, got {self.swap_weight}")
         if self.top_k < 1:
             raise MetaEditError(f"preserve.top_k must be >= 1, got {self.top_k}")
         if self.max_facts is not None and self.max_facts < 1:
@@ -136,6 +148,7 @@ class PreservedKeys:
         # The prompts the outer loss scores in the current training step (never preserved: they
         # stand for unseen neighbours); set by `scoring`.
         self._avoid: list[str] = []
+        self._templates: dict[tuple[str, str], list[str]] = {}  # swaps: (before, after) -> subjects
 
     @property
     def enabled(self) -> bool:
@@ -182,33 +195,39 @@ class PreservedKeys:
             return None
         return keys, owners
 
-    @torch.no_grad()
     def _read(self, editor: Editor) -> tuple[list[Tensor], Tensor]:
         """Every fact's answer-position keys per inner layer (float32, CPU) and each key's fact index."""
-        assert self.spec is not None and editor.formatter is not None
         t0 = time.perf_counter()
+        keys, owners = self.answer_keys(editor, [(f.prompt, f.answer) for f in self.facts], log_as="facts read")
+        log.info("preserve bank: %d keys of %d training facts per layer, read in %.1f s",
+                 len(owners), len(self.facts), time.perf_counter() - t0)
+        return [k.cpu() for k in keys], owners.cpu()
+
+    @torch.no_grad()
+    def answer_keys(self, editor: Editor, pairs: Sequence[tuple[str, str]], params: Mapping[str, Tensor] | None = None,
+                    log_as: str | None = None) -> tuple[list[Tensor], Tensor]:
+        """The keys (float32) at the answer-predicting positions of each (prompt, answer) pair per inner
+        layer, read on the model with `params` (None: the base), and each key's pair index."""
+        assert self.spec is not None and editor.formatter is not None
         modules = {p.module_name: self.model.get_submodule(p.module_name) for p in self.inner_params}
         order = {name: j for j, (name, _) in enumerate(self.model.named_modules())}
         deepest = modules[max(modules, key=order.__getitem__)]
         keys: list[list[Tensor]] = [[] for _ in self.inner_params]
         owners: list[Tensor] = []
-        progress = Progress(len(self.facts), unit="fact", noun="facts read")
+        progress = Progress(len(pairs), unit="prompt", noun=log_as or "")
         step = self.spec.batch_size
-        for start in range(0, len(self.facts), step):
-            part = self.facts[start : start + step]
-            batch = editor.formatter.batch([f.prompt for f in part], [f.answer for f in part]).to(editor.device)
+        for start in range(0, len(pairs), step):
+            part = pairs[start : start + step]
+            batch = editor.formatter.batch([p for p, _ in part], [a for _, a in part]).to(editor.device)
             # The hooks record the inner layers' inputs; nothing after the deepest one is needed.
             with capture_layer_io(modules) as io, forward_stops_after(deepest):
-                forward_logits(self.model, batch)
+                forward_logits(self.model, batch, params)
             rows = batch.targets != -100  # the answer-predicting positions
-            owner = torch.arange(start, start + len(part), device=rows.device)[:, None].expand_as(rows)[rows]
-            owners.append(owner.cpu())
+            owners.append(torch.arange(start, start + len(part), device=rows.device)[:, None].expand_as(rows)[rows])
             for i, p in enumerate(self.inner_params):
-                keys[i].append(io[p.module_name][0][rows].float().cpu())
-            if (start // step) % 10 == 0 or start + step >= len(self.facts):
-                log.info("preserve bank: %s", progress.line(min(start + step, len(self.facts))))
-        log.info("preserve bank: %d keys of %d training facts per layer, read in %.1f s",
-                 sum(len(o) for o in owners), len(self.facts), time.perf_counter() - t0)
+                keys[i].append(io[p.module_name][0][rows].detach().float())
+            if log_as and ((start // step) % 10 == 0 or start + step >= len(pairs)):
+                log.info("preserve bank: %s", progress.line(min(start + step, len(pairs))))
         return [torch.cat(k) for k in keys], torch.cat(owners)
 
     @contextmanager
@@ -226,14 +245,69 @@ class PreservedKeys:
         """√μ K_Pᵀ [d_in, m] per inner parameter, the `preserved` argument of KeyWhitening.gradient: the
         bank keys nearest the edit rows' keys `keys` (one [rows, d_in] per inner parameter; the union
         over the batch), never of a fact about an edited subject or whose prompt is the edit's or one
-        the outer loss scores. None where nothing is left to preserve."""
+        the outer loss scores; with `swaps`, the edits' subject swaps (√μ_S K_Sᵀ) beside them. None where
+        nothing is left to preserve."""
         self.prepare(editor)
         excluded = self.excluded_rows([r.subject for r in requests], [*(edit.prompts or ()), *self._avoid])
+        swapped = self.swap_keys(editor, requests, avoid=edit.prompts or ())
         out: list[Tensor | None] = []
         for i, k in enumerate(keys):
             rows = self.nearest(i, k, excluded).unique()
-            out.append(self.scaled_keys(i, rows).T if len(rows) else None)
+            parts = [*([self.scaled_keys(i, rows)] if len(rows) else []), *([swapped[i]] if swapped else [])]
+            out.append(torch.cat(parts).T if parts else None)
         return out
+
+    def swap_prompts(self, requests: Sequence[EditRequest], avoid: Iterable[str] = ()) -> list[tuple[str, str]]:
+        """(prompt, the edit's new object) pairs, `swaps` per edit at most: the edit's prompt with its
+        subject replaced by another that a training fact names in the same template (the text around
+        the subject alike), a seeded choice per prompt. Never an edited subject, an edit's own prompt
+        or a prompt in `avoid` (those the outer loss scores). An edit without a subject in its prompt,
+        or whose template no training fact shares, gets none."""
+        assert self.spec is not None
+        if not self.spec.swaps:
+            return []
+        # No subject that names an edited one or is named in it ("Guinea", "Papua New Guinea"): its
+        # prompt in this template may be (or read as) that edit's own, whose key cannot be fitted to
+        # its shift and to zero at once.
+        edited = sorted({r.subject for r in requests if r.subject})
+        inside = "\0".join(edited)  # s in inside: s is part of an edited subject
+        banned = {*avoid, *(r.prompt for r in requests)}
+        allowed: dict[tuple[str, str], list[str]] = {}  # per template, for this call's edited subjects
+        out: list[tuple[str, str]] = []
+        for r in requests:
+            if not r.subject or r.subject not in r.prompt:
+                continue
+            before, _, after = r.prompt.partition(r.subject)
+            if (before, after) not in allowed:
+                allowed[before, after] = [s for s in self._subjects_in(before, after)
+                                          if s not in inside and not any(e in s for e in edited)]
+            others = [s for s in allowed[before, after] if before + s + after not in banned]
+            chosen = random.Random(f"{self.spec.seed}:{r.prompt}").sample(others, min(self.spec.swaps, len(others)))
+            out.extend((before + s + after, r.target) for s in chosen)
+        return out
+
+    def _subjects_in(self, before: str, after: str) -> list[str]:
+        """The subjects the bank's facts name between `before` and `after` (sorted; kept per template)."""
+        key = (before, after)
+        if key not in self._templates:
+            self._templates[key] = sorted({
+                f.prompt[len(before):len(f.prompt) - len(after)] for f in self.facts
+                if len(f.prompt) > len(before) + len(after) and f.prompt.startswith(before) and f.prompt.endswith(after)
+                and f.prompt[len(before):len(f.prompt) - len(after)].strip()})
+        return self._templates[key]
+
+    def swap_keys(self, editor: Editor, requests: Sequence[EditRequest], params: Mapping[str, Tensor] | None = None,
+                  avoid: Iterable[str] = ()) -> list[Tensor] | None:
+        """√μ_S K_S [rows, d_in] per inner layer, float32: the answer-predicting positions' keys of the
+        `swap_prompts` followed by the edits' new objects, read on the model with `params` (None: the
+        base) and stopped after the deepest inner layer. None when swaps is 0 or no edit has one."""
+        assert self.spec is not None
+        self.prepare(editor)
+        pairs = self.swap_prompts(requests, [*avoid, *self._avoid])
+        if not pairs:
+            return None
+        keys, _ = self.answer_keys(editor, pairs, params)
+        return [self.spec.swap_weight ** 0.5 * k for k in keys]
 
     def excluded_rows(self, subjects: Iterable[str | None], prompts: Iterable[str]) -> Tensor:
         """Bank rows of facts that name one of `subjects` or whose prompt is one of `prompts`."""
@@ -270,8 +344,18 @@ class PreservedKeys:
     def gram(self, i: int, rows: Tensor) -> Tensor:
         """μ K_PᵀK_P [d_in, d_in] over the bank rows `rows` (each once) of inner layer i, float32."""
         assert self._keys is not None and self.spec is not None
-        kp = self._keys[i][rows.unique()]
-        # Outside autocast: a bf16 K_PᵀK_P would lose the small eigenvalues the solve divides by
-        # (malmen/editor.py normal_terms; a bf16-mixed training run with it collapsed its step sizes).
-        with torch.autocast(kp.device.type, enabled=False):
-            return self.spec.weight * (kp.T @ kp)
+        return _gram(self._keys[i][rows.unique()], self.spec.weight)
+
+    def swap_grams(self, editor: Editor, requests: Sequence[EditRequest], params: Mapping[str, Tensor] | None = None,
+                   avoid: Iterable[str] = ()) -> list[Tensor] | None:
+        """μ_S K_SᵀK_S [d_in, d_in] per inner layer, float32, of `swap_keys` (None where it is)."""
+        keys = self.swap_keys(editor, requests, params, avoid)
+        return None if keys is None else [_gram(k, 1.0) for k in keys]
+
+
+def _gram(k: Tensor, weight: float) -> Tensor:
+    """weight · KᵀK, float32. Outside autocast: a bf16 KᵀK would lose the small eigenvalues the solve
+    divides by (malmen/editor.py normal_terms; a bf16-mixed training run with it collapsed its step sizes)."""
+    with torch.autocast(k.device.type, enabled=False):
+        k = k.to(torch.promote_types(k.dtype, torch.float32))
+        return weight * (k.T @ k)

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from metaedit.editors.mend import MENDEditor
 from metaedit.editors.mend.editor import RowsMode
 from metaedit.editors.preserve import PreservedKeys, PreserveSpec
+from metaedit.editors.rephrase import RephraseSpec, TrainingRephrases
 from metaedit.editors.whitening import KeyWhitening
 from metaedit.functional import EditedModel
 from metaedit.locate.stats import StatsSpec
@@ -176,6 +177,9 @@ class MALMENEditor(MENDEditor):
         calibrate_steps: bisection steps of `calibrate`.
         calibrate_max: the top of the bracket: the scale an edit gets that reaches p at no scale tried
             (1: calibration only shrinks the networks' shifts).
+        rephrase: None, or {data: DIR, per_edit: k} (metaedit.editors.rephrase), edit time only: each
+            edit is also written, as further edits, in up to k phrasings of its relation that DIR's
+            training split uses (its subject and target in them), so the solve fits those keys too.
         max_shift: None, or c > 0: each solve's ΔW_ℓ is scaled down to at most c·‖W_ℓ‖ (in training too)
             (Frobenius, W_ℓ the weights it is applied to). A guard for long sequences: there an
             edited block's larger outputs make larger keys at the blocks above, whose solves then
@@ -211,6 +215,7 @@ class MALMENEditor(MENDEditor):
         calibrate: float | None = None,
         calibrate_steps: int = 6,
         calibrate_max: float = 2.0,
+        rephrase: RephraseSpec | dict[str, Any] | None = None,
     ) -> None:
         if lambda_lr is not None and not lambda_lr > 0:
             raise MetaEditError(f"{self.method} lambda_lr must be > 0 or null, got {lambda_lr}")
@@ -259,6 +264,7 @@ class MALMENEditor(MENDEditor):
         self.calibrate = None if calibrate is None else float(calibrate)
         self.calibrate_steps, self.calibrate_max = int(calibrate_steps), float(calibrate_max)
         self.calibrated_scales: Tensor | None = None  # the last calibrated edit's a_i
+        self.rephrase = TrainingRephrases(rephrase)
         # The sequence's earlier steps, per inner layer (float32): Σ KᵀK for per-layer solves, the keys
         # themselves [rows, d_in] for the joint one (its rows are positions read at every layer).
         self.earlier: list[Tensor] = []
@@ -271,7 +277,8 @@ class MALMENEditor(MENDEditor):
                 "key_covariance": self.covariance.rho, "stats": self.covariance.stats.to_dict(), "lambda_lr": self.lambda_lr,
                 "preserve": None if self.preserve.spec is None else self.preserve.spec.to_dict(),
                 "keep_earlier": self.keep_earlier, "max_shift": self.max_shift, "solve": self.solve,
-                "calibrate": self.calibrate, "calibrate_steps": self.calibrate_steps, "calibrate_max": self.calibrate_max}
+                "calibrate": self.calibrate, "calibrate_steps": self.calibrate_steps, "calibrate_max": self.calibrate_max,
+                "rephrase": None if self.rephrase.spec is None else self.rephrase.spec.to_dict()}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         # MEND's groups without λ, and λ in its own (no weight decay: it would pull λ towards 0, i.e.
@@ -383,7 +390,8 @@ class MALMENEditor(MENDEditor):
                          pseudo_keys: list[list[Tensor]] | None = None,
                          edit_rows: list[list[tuple[Tensor, Tensor, Tensor]]] | None = None) -> list[tuple[Tensor, Tensor]]:
         """(KᵀK, DᵀK) per inner layer, summed over chunks (`key_value_rows`). With `preserve`,
-        KᵀK + μ K_PᵀK_P: the preserved facts' keys nearest the edits'; in a sequence with keep_earlier,
+        KᵀK + μ K_PᵀK_P: the preserved facts' keys nearest the edits' (+ μ_S K_SᵀK_S, the edits' subject
+        swaps, `PreserveSpec.swaps`); in a sequence with keep_earlier,
         + μ_E Σ K_EᵀK_E of the earlier steps. `edit_grams`, when given, receives the edits' own KᵀK per
         layer (without those terms); `pseudo_keys`, when given, one list per layer of the chunks' ũ;
         `edit_rows`, when given, per chunk and layer the rows themselves (K, D, the edit of each row)."""
@@ -408,6 +416,9 @@ class MALMENEditor(MENDEditor):
         if self.preserve.enabled:
             out = [(g + self.preserve.gram(i, torch.cat(preserved[i])).to(g.dtype), c) if preserved[i] else (g, c)
                    for i, (g, c) in enumerate(out)]
+            swapped = self.preserve.swap_grams(self, requests or (), params, avoid)
+            if swapped is not None:  # the edits' templates with other subjects, fitted to zero
+                out = [(g + sg.to(g.dtype), c) for (g, c), sg in zip(out, swapped)]
         if self._keeps_earlier and self.earlier:
             out = [(g + self.keep_earlier * e.to(g.device, g.dtype), c) for (g, c), e in zip(out, self.earlier)]
         return out
@@ -439,6 +450,9 @@ class MALMENEditor(MENDEditor):
             bank_rows = torch.cat(preserved).unique()
             for i in range(len(self.inner_params)):
                 zeros[i].append(self.preserve.scaled_keys(i, bank_rows))
+        swapped = self.preserve.swap_keys(self, requests or (), params, avoid) if self.preserve.enabled else None
+        for i, k in enumerate(swapped or ()):
+            zeros[i].append(k)
         if self._keeps_earlier and self.earlier:
             for i, e in enumerate(self.earlier):
                 zeros[i].append(self.keep_earlier ** 0.5 * e)
@@ -539,6 +553,10 @@ class MALMENEditor(MENDEditor):
         # on the edited model: every edit's key and gradient are read anew there, so an edit that
         # landed (small gradient, small value shift) holds its fit while the others get another shift
         # — MEMIT's value shifts are ~15 such steps on one layer, MALMEN's one.
+        if self.rephrase.enabled and not self.training:  # edit time only: the rephrasings join as edits
+            requests = [*requests, *self.rephrase.expand(requests)]
+            assert self.formatter is not None
+            edit = self.formatter.batch([r.prompt for r in requests], [r.target for r in requests]).to(self.device)
         grams: list[Tensor] | None = [] if self._keeps_earlier else None
         calibrated = self.calibrate is not None and not self.training  # edit time only
         shifts = self.calibrated_shifts(edit, requests, grams) if calibrated else self.weight_shifts(edit, requests, edit_grams=grams)
