@@ -662,6 +662,15 @@ def _fact_records(subjects: list[str]) -> list[dict]:
     return out
 
 
+def _with_spec(bank, spec, fn, *args):
+    """fn(*args) with the preserved-keys `bank` under another spec (None: no preserve) for that call only."""
+    kept, bank.spec = bank.spec, spec
+    try:
+        return fn(*args)
+    finally:
+        bank.spec = kept
+
+
 def test_preserved_facts_are_fitted_to_a_zero_shift_and_never_the_edited_subjects(make_editor, tiny, tmp_path):
     """preserve: the solve adds μ K_PᵀK_P, K_P the answer-position keys of the training facts nearest
     each edit row (top_k per row, each once); a fact that names an edited subject is never one of
@@ -686,11 +695,7 @@ def test_preserved_facts_are_fitted_to_a_zero_shift_and_never_the_edited_subject
     bank = ed.preserve
 
     def unpreserved(fn, *args):  # the same editor's sums / shifts without the preserved keys
-        kept, bank.spec = bank.spec, None
-        try:
-            return fn(*args)
-        finally:
-            bank.spec = kept
+        return _with_spec(bank, None, fn, *args)
 
     with torch.no_grad():
         ed.log_lambdas.fill_(-4.0)
@@ -777,12 +782,7 @@ def test_subject_swaps_put_training_subjects_into_the_edit_template_and_are_fitt
     assert bank.swap_prompts([EditRequest("Paris is the capital of", "France", "Rome")]) == []
 
     def unswapped(fn, *args):  # the same editor's sums / shifts without the swaps
-        kept = bank.spec
-        bank.spec = dataclasses.replace(kept, swaps=0)
-        try:
-            return fn(*args)
-        finally:
-            bank.spec = kept
+        return _with_spec(bank, dataclasses.replace(bank.spec, swaps=0), fn, *args)
 
     with torch.no_grad():
         ed.log_lambdas.fill_(-4.0)
