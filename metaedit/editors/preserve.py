@@ -249,7 +249,7 @@ class PreservedKeys:
         nothing is left to preserve."""
         self.prepare(editor)
         excluded = self.excluded_rows([r.subject for r in requests], [*(edit.prompts or ()), *self._avoid])
-        swapped = self.swap_keys(editor, requests, avoid=edit.prompts or ())
+        swapped = self.swap_keys(editor, requests)
         out: list[Tensor | None] = []
         for i, k in enumerate(keys):
             rows = self.nearest(i, k, excluded).unique()
