@@ -6,9 +6,10 @@ as its keys resemble the edit prompt's. MEMIT writes each fact behind several ra
 the same reason. Here the phrasings come from the training split: for an edit whose prompt is
 "The currency of Curacao is the", the training records whose edit prompt has that same template
 ("The currency of <X> is the") give their rephrase templates ("Prices in <X> are given in the", ...),
-and each is filled with the edit's own subject and target. Only train.json is read; a built dataset's
-held-out splits use other rephrase templates (metaedit/data/worldfacts.py), so no val/test prompt is
-ever written.
+and each is filled with the edit's own subject and target. Only train.json is read; worldfacts'
+held-out splits use other rephrase templates than its training split (metaedit/data/worldfacts.py), so
+there no val/test prompt is ever written. Measured there (README, session 52) it lowers es and ps at
+100 edits: the extra rows crowd the solve. Off by default.
 """
 
 from __future__ import annotations
