@@ -859,6 +859,43 @@ def test_rephrase_writes_each_edit_also_in_its_relations_training_phrasings(make
     assert json.loads((saved / "editor_config.json").read_text())["hparams"]["rephrase"]["per_edit"] == 2
 
 
+def test_inner_weight_weighs_the_rows_inside_each_answer_between_target_and_answer_rows(make_editor):
+    """inner_weight w (rows=target): each edit's rows after its answer row enter KᵀK and DᵀK w times;
+    w → 0 gives rows=answer's normal equations (the answer rows alone); bad settings are refused."""
+    from metaedit.types import EditRequest
+    from tests.test_editors import TEST_SUBJECTS
+
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(2))]
+    ed = make_editor("malmen", "tiny-llama", rows="target")
+    batch = ed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    assert all(len(ed.formatter.target_ids(r.target)) > 1 for r in reqs)  # there are rows inside the answers
+    _non_trivial(ed, batch, reqs)
+    with torch.no_grad():
+        rows: list = []
+        plain = ed.normal_equations(batch, reqs, edit_rows=rows)
+        ed.inner_weight = 0.25
+        weighted = ed.normal_equations(batch, reqs)
+        for i, ((g, c), (g0, c0)) in enumerate(zip(weighted, plain)):
+            k, d, owner = (torch.cat(x) for x in zip(*(chunk[i] for chunk in rows)))
+            first = torch.cat([torch.ones(1, dtype=torch.bool), owner[1:] != owner[:-1]])
+            assert 0 < first.sum() == len(reqs) < len(first)
+            w = torch.where(first, 1.0, 0.25)[:, None]
+            torch.testing.assert_close(g, (k * w).T @ k, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(c, (d * w).T @ k, rtol=1e-4, atol=1e-4)
+            assert not torch.allclose(g, g0)
+        ed.inner_weight = 1e-12
+        tiny_w = ed.normal_equations(batch, reqs)
+        ed.inner_weight, ed.rows = 1.0, "answer"
+        answer = ed.normal_equations(batch, reqs)
+    for (g, c), (ga, ca) in zip(tiny_w, answer):
+        torch.testing.assert_close(g, ga, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c, ca, rtol=1e-4, atol=1e-4)
+    with pytest.raises(MetaEditError, match="inner_weight must be > 0"):
+        make_editor("malmen", "tiny-llama", rows="target", inner_weight=0.0)
+    with pytest.raises(MetaEditError, match="inner_weight weighs the rows inside the answer"):
+        make_editor("malmen", "tiny-llama", rows="answer", inner_weight=0.5)
+
+
 def test_joint_solve_fits_the_preserved_facts_summed_change_to_zero(tiny, tmp_path):
     """solve=joint with preserve: the bank rows nearest the edits' keys at any layer join the one solve
     as rows whose summed output change over the layers is fitted to zero; at a large μ that sum barely

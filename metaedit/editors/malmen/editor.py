@@ -180,6 +180,9 @@ class MALMENEditor(MENDEditor):
         rephrase: None, or {data: DIR, per_edit: k} (metaedit.editors.rephrase), edit time only: each
             edit is also written, as further edits, in up to k phrasings of its relation that DIR's
             training split uses (its subject and target in them), so the solve fits those keys too.
+        inner_weight: w > 0 (rows=target): the rows inside each answer (they read the new object's own
+            tokens, as a neighbour scored on that object does) count w times in the solve against the
+            row that predicts the answer; 1 is rows=target, w → 0 approaches rows=answer.
         max_shift: None, or c > 0: each solve's ΔW_ℓ is scaled down to at most c·‖W_ℓ‖ (in training too)
             (Frobenius, W_ℓ the weights it is applied to). A guard for long sequences: there an
             edited block's larger outputs make larger keys at the blocks above, whose solves then
@@ -216,6 +219,7 @@ class MALMENEditor(MENDEditor):
         calibrate_steps: int = 6,
         calibrate_max: float = 2.0,
         rephrase: RephraseSpec | dict[str, Any] | None = None,
+        inner_weight: float = 1.0,
     ) -> None:
         if lambda_lr is not None and not lambda_lr > 0:
             raise MetaEditError(f"{self.method} lambda_lr must be > 0 or null, got {lambda_lr}")
@@ -230,6 +234,11 @@ class MALMENEditor(MENDEditor):
         if calibrate is not None and solve != "per_layer":
             raise MetaEditError(f"{self.method} calibrate needs solve=per_layer (it rescales each edit's rows in the "
                                 f"per-layer normal equations), got solve={solve!r}")
+        if not inner_weight > 0:
+            raise MetaEditError(f"{self.method} inner_weight must be > 0, got {inner_weight}")
+        if inner_weight != 1.0 and rows != "target":
+            raise MetaEditError(f"{self.method} inner_weight weighs the rows inside the answer (rows=target); "
+                                f"got rows={rows!r}")
         if calibrate_steps < 1:
             raise MetaEditError(f"{self.method} calibrate_steps must be >= 1, got {calibrate_steps}")
         if not calibrate_max > 1 / 16:
@@ -265,6 +274,7 @@ class MALMENEditor(MENDEditor):
         self.calibrate_steps, self.calibrate_max = int(calibrate_steps), float(calibrate_max)
         self.calibrated_scales: Tensor | None = None  # the last calibrated edit's a_i
         self.rephrase = TrainingRephrases(rephrase)
+        self.inner_weight = float(inner_weight)
         # The sequence's earlier steps, per inner layer (float32): Σ KᵀK for per-layer solves, the keys
         # themselves [rows, d_in] for the joint one (its rows are positions read at every layer).
         self.earlier: list[Tensor] = []
@@ -278,7 +288,8 @@ class MALMENEditor(MENDEditor):
                 "preserve": None if self.preserve.spec is None else self.preserve.spec.to_dict(),
                 "keep_earlier": self.keep_earlier, "max_shift": self.max_shift, "solve": self.solve,
                 "calibrate": self.calibrate, "calibrate_steps": self.calibrate_steps, "calibrate_max": self.calibrate_max,
-                "rephrase": None if self.rephrase.spec is None else self.rephrase.spec.to_dict()}
+                "rephrase": None if self.rephrase.spec is None else self.rephrase.spec.to_dict(),
+                "inner_weight": self.inner_weight}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         # MEND's groups without λ, and λ in its own (no weight decay: it would pull λ towards 0, i.e.
@@ -370,7 +381,8 @@ class MALMENEditor(MENDEditor):
                                                    [*(edit.prompts or ()), *avoid])
         for part, part_requests in self.chunks(edit, requests):
             with self._chunk_memory():
-                chunk_owners: list[Tensor] | None = None if owners is None else []  # only when asked: per-row work
+                # Only when asked or weighing the inner rows: per-row work.
+                chunk_owners: list[Tensor] | None = None if owners is None and self.inner_weight == 1.0 else []
                 rows = self.capture(part, part_requests, params, chunk_owners)
                 if owners is not None and chunk_owners is not None:
                     owners.append([o + start for o in chunk_owners])
@@ -382,7 +394,18 @@ class MALMENEditor(MENDEditor):
                 # shifts d = η (u·ũ) δ̃: the change MEND's rank-1 step η δ̃ ũᵀ makes at its own key.
                 kd = [(k, (self.step_size(i) * (k * k_tilde).sum(-1, keepdim=True)) * d_tilde)
                       for i, ((k, _), (k_tilde, d_tilde)) in enumerate(zip(rows, pairs))]
+                if self.inner_weight != 1.0 and chunk_owners is not None:
+                    kd = [self._weigh_inner(k, d, o) for (k, d), o in zip(kd, chunk_owners)]
             yield kd, nearest, [k_tilde for k_tilde, _ in pairs]
+
+    def _weigh_inner(self, k: Tensor, d: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
+        """K and D with the rows inside each answer (all but an edit's first kept row, the one that
+        predicts the answer's first token) scaled by √inner_weight: they then count inner_weight times in
+        the least squares. Rows of one edit are consecutive and in position order (capture)."""
+        first = torch.ones_like(owner, dtype=torch.bool)
+        first[1:] = owner[1:] != owner[:-1]
+        scale = torch.where(first, 1.0, self.inner_weight ** 0.5).to(k.dtype)[:, None]
+        return k * scale, d * scale.to(d.dtype)
 
     def normal_equations(self, edit: LMBatch, requests: Sequence[EditRequest] | None = None,
                          params: Mapping[str, Tensor] | None = None, avoid: Sequence[str] = (),
