@@ -882,7 +882,7 @@ def test_inner_weight_weighs_the_rows_inside_each_answer_between_target_and_answ
             w = torch.where(first, 1.0, 0.25)[:, None]
             torch.testing.assert_close(g, (k * w).T @ k, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(c, (d * w).T @ k, rtol=1e-4, atol=1e-4)
-            assert not torch.allclose(g, g0)
+            assert not torch.allclose(g, g0) and not torch.allclose(c, c0)
         ed.inner_weight = 1e-12
         tiny_w = ed.normal_equations(batch, reqs)
         ed.inner_weight, ed.rows = 1.0, "answer"

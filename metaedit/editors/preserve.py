@@ -44,6 +44,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from metaedit.data.readers import training_records
+from metaedit.editors.rephrase import subject_template
 from metaedit.functional import forward_logits
 from metaedit.hooks import capture_layer_io, forward_stops_after
 from metaedit.models.fingerprint import fingerprint
@@ -275,9 +276,10 @@ class PreservedKeys:
         allowed: dict[tuple[str, str], list[str]] = {}  # per template, for this call's edited subjects
         out: list[tuple[str, str]] = []
         for r in requests:
-            if not r.subject or r.subject not in r.prompt:
+            template = subject_template(r.prompt, r.subject)
+            if template is None:
                 continue
-            before, _, after = r.prompt.partition(r.subject)
+            before, after = template
             if (before, after) not in allowed:
                 allowed[before, after] = [s for s in self._subjects_in(before, after)
                                           if s not in inside and not any(e in s for e in edited)]

@@ -51,7 +51,8 @@ class RephraseSpec:
         return asdict(self)
 
 
-def _template(prompt: str, subject: str | None) -> Template | None:
+def subject_template(prompt: str, subject: str | None) -> Template | None:
+    """The text before and after the subject's first mention in `prompt`; None when it is not there."""
     if not subject or subject not in prompt:
         return None
     before, _, after = prompt.partition(subject)
@@ -74,11 +75,11 @@ class TrainingRephrases:
         if self._templates is None:
             found: dict[Template, set[Template]] = {}
             for r in training_records(self.spec.data):
-                own = _template(r["prompt"], r.get("subject"))
+                own = subject_template(r["prompt"], r.get("subject"))
                 if own is None:
                     continue
                 for p in r.get("rephrases", []):
-                    t = _template(p, r["subject"])
+                    t = subject_template(p, r["subject"])
                     if t is not None and t != own:
                         found.setdefault(own, set()).add(t)
             self._templates = {k: sorted(v) for k, v in found.items()}
@@ -93,7 +94,7 @@ class TrainingRephrases:
         own = {r.prompt for r in requests}
         out: list[EditRequest] = []
         for r in requests:
-            t = _template(r.prompt, r.subject)
+            t = subject_template(r.prompt, r.subject)
             options = [b + r.subject + a for b, a in table.get(t, [])] if t is not None and r.subject else []
             options = [p for p in options if p not in own]
             rng = random.Random(f"{self.spec.seed}:{r.prompt}")
