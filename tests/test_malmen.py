@@ -936,6 +936,53 @@ def test_joint_solve_fits_the_preserved_facts_summed_change_to_zero(tiny, tmp_pa
         assert at_edit(shifts).norm() > 0.2 * at_edit(plain).norm()
 
 
+def test_rows_per_layer_read_the_subject_at_one_layer_and_the_answer_at_another(tiny, tmp_path):
+    """rows as a list (one mode per inner parameter): each layer's keys are those its own mode reads
+    alone — the subject's last token at the first, every answer-predicting position at the second —
+    and the preserved bank (answer-position keys) enters only the layer that reads answers; the
+    list survives a save/load and a list that does not fit the layers is refused by name."""
+    from metaedit.models.inner_params import resolve_inner_params
+    from metaedit.types import EditRequest
+    from tests.test_editors import TEST_SUBJECTS, WORLD
+
+    model, tok, cfg = tiny("tiny-llama")
+    inner = resolve_inner_params(model, [{"container": "model.layers", "layers": [0, 1], "pattern": r"mlp\.down_proj"}])
+    train_subjects = [s for s in WORLD.subjects if WORLD.split_of[s] == "train"][:12]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.json").write_text(json.dumps(_fact_records(train_subjects)))
+    spec = {"data": str(data), "weight": 1.0, "top_k": 3, "max_facts": None}
+
+    def make(rows, **kw):
+        ed = build_editor("malmen", model, cfg, {"rows": rows, **kw}, tokenizer=tok, inner_params=inner)
+        ed.cache_dir = str(tmp_path / "cache")
+        return ed
+
+    mixed = make(["subject_last", "target"], preserve=spec)
+    reqs = [EditRequest(p, t, TEST_SUBJECTS[i]) for i, (p, t) in enumerate(requests(3))]
+    batch = mixed.formatter.batch([r.prompt for r in reqs], [r.target for r in reqs])
+    _non_trivial(mixed, batch, reqs)
+    with torch.no_grad():
+        rows = mixed.capture(batch, reqs)
+        alone = {m: make(m).capture(batch, reqs) for m in ("subject_last", "target")}
+        assert rows[0][0].shape[0] == len(reqs) < rows[1][0].shape[0]
+        torch.testing.assert_close(rows[0][0], alone["subject_last"][0][0])
+        torch.testing.assert_close(rows[1][0], alone["target"][1][0])
+        with_p = mixed.normal_equations(batch, reqs)
+        without = _with_spec(mixed.preserve, None, mixed.normal_equations, batch, reqs)
+        torch.testing.assert_close(with_p[0][0], without[0][0])  # subject keys: no bank rows
+        assert (with_p[1][0] - without[1][0]).norm() > 1e-3 * without[1][0].norm()
+        assert all(s.norm() > 0 for s in mixed.weight_shifts(batch, reqs))
+    loaded = load_editor(save_editor(mixed, tmp_path / "ed"), model=model, tokenizer=tok, cache_dir=tmp_path / "cache")
+    assert loaded.rows == ["subject_last", "target"] and loaded.layer_rows == ["subject_last", "target"]
+    with pytest.raises(MetaEditError, match="rows lists 3 modes for 2 inner parameters"):
+        make(["subject_last", "target", "target"])
+    with pytest.raises(MetaEditError, match="rows must be one of"):
+        make(["subject_last", "answers"])
+    with pytest.raises(MetaEditError, match="preserve needs rows=target, answer or nonpad on some layer"):
+        make(["subject_last", "subject"], preserve=spec)
+
+
 def test_preserve_refuses_a_bad_setting(make_editor, tmp_path):
     with pytest.raises(MetaEditError, match="preserve.weight"):
         make_editor("malmen", "tiny-llama", preserve={"data": str(tmp_path), "weight": 0})

@@ -197,7 +197,7 @@ class MALMENEditor(MENDEditor):
         inner_params: Sequence[InnerParam],
         rank: int = 1920,
         edit_lr: float = 1e-1,
-        rows: RowsMode = "nonpad",
+        rows: RowsMode | Sequence[RowsMode] = "nonpad",
         n_blocks: int = 2,
         act: str = "gelu",
         lambda_init: float = 0.0,
@@ -236,9 +236,6 @@ class MALMENEditor(MENDEditor):
                                 f"per-layer normal equations), got solve={solve!r}")
         if not inner_weight > 0:
             raise MetaEditError(f"{self.method} inner_weight must be > 0, got {inner_weight}")
-        if inner_weight != 1.0 and rows != "target":
-            raise MetaEditError(f"{self.method} inner_weight weighs the rows inside the answer (rows=target); "
-                                f"got rows={rows!r}")
         if calibrate_steps < 1:
             raise MetaEditError(f"{self.method} calibrate_steps must be >= 1, got {calibrate_steps}")
         if not calibrate_max > 1 / 16:
@@ -251,15 +248,21 @@ class MALMENEditor(MENDEditor):
         self.log_lambdas = nn.Parameter(torch.full((len(self.inner_params),), float(lambda_init)))
         # The same statistics as MEND's key whitening, used as the solve's regulariser instead.
         self.covariance = KeyWhitening(self.method, model, inner_params, key_covariance, stats, option="key_covariance")
+        modes = set(self.layer_rows)
+        if inner_weight != 1.0 and modes != {"target"}:
+            raise MetaEditError(f"{self.method} inner_weight weighs the rows inside the answer (rows=target); "
+                                f"got rows={rows!r}")
         self.preserve = PreservedKeys(model, self.inner_params, preserve)
-        if self.preserve.enabled and rows not in ("target", "answer", "nonpad"):
-            # The bank holds answer-position keys: a subject row's key is not comparable to them.
-            raise MetaEditError(f"{self.method} preserve needs rows=target, answer or nonpad (the bank's keys are "
-                                f"the answer positions'), got rows={rows!r}")
+        # The bank holds answer-position keys: a subject row's key is not comparable to them, so a
+        # layer with subject rows gets no bank rows (and no swaps); at least one layer must read answers.
+        self._answer_layers = [m in ("target", "answer", "nonpad") for m in self.layer_rows]
+        if self.preserve.enabled and not any(self._answer_layers):
+            raise MetaEditError(f"{self.method} preserve needs rows=target, answer or nonpad on some layer (the bank's "
+                                f"keys are the answer positions'), got rows={rows!r}")
         self.keep_earlier = float(keep_earlier)
         self.max_shift = None if max_shift is None else float(max_shift)
         widths = {(p.d_out, p.side) for p in self.inner_params}
-        if solve == "joint" and rows not in ("target", "answer"):
+        if solve == "joint" and not modes <= {"target", "answer"}:
             # Its rows are positions read at every layer; other modes drop a position wherever its
             # gradient vanishes (nonpad: after the answer in the last blocks; subject rows there too).
             raise MetaEditError(f"{self.method} solve=joint needs rows=target or answer (the same answer-predicting "
@@ -388,7 +391,9 @@ class MALMENEditor(MENDEditor):
                     owners.append([o + start for o in chunk_owners])
                 start += len(part)
                 held = self._check_memory(rows, held)
-                nearest = [] if excluded is None else [self.preserve.nearest(i, k, excluded) for i, (k, _) in enumerate(rows)]
+                nearest = [] if excluded is None else [
+                    self.preserve.nearest(i, k, excluded) if answers else k.new_zeros(0, dtype=torch.long)
+                    for i, ((k, _), answers) in enumerate(zip(rows, self._answer_layers))]
                 pairs = self.transform(rows)
                 # The keys are the layer's real inputs u (it is at u that W' is read), the value
                 # shifts d = η (u·ũ) δ̃: the change MEND's rank-1 step η δ̃ ũᵀ makes at its own key.
@@ -437,11 +442,12 @@ class MALMENEditor(MENDEditor):
         if edit_grams is not None:
             edit_grams.extend(g for g, _ in out)
         if self.preserve.enabled:
-            out = [(g + self.preserve.gram(i, torch.cat(preserved[i])).to(g.dtype), c) if preserved[i] else (g, c)
-                   for i, (g, c) in enumerate(out)]
+            out = [(g + self.preserve.gram(i, torch.cat(preserved[i])).to(g.dtype), c) if answers and preserved[i] else (g, c)
+                   for i, ((g, c), answers) in enumerate(zip(out, self._answer_layers))]
             swapped = self.preserve.swap_grams(self, requests or (), params, avoid)
             if swapped is not None:  # the edits' templates with other subjects, fitted to zero
-                out = [(g + sg.to(g.dtype), c) for (g, c), sg in zip(out, swapped)]
+                out = [(g + sg.to(g.dtype), c) if answers else (g, c)
+                       for (g, c), sg, answers in zip(out, swapped, self._answer_layers)]
         if self._keeps_earlier and self.earlier:
             out = [(g + self.keep_earlier * e.to(g.device, g.dtype), c) for (g, c), e in zip(out, self.earlier)]
         return out

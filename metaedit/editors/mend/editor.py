@@ -25,6 +25,18 @@ RowsMode = Literal["nonpad", "target", "answer", "subject", "subject_last"]
 ROWS_MODES: tuple[str, ...] = ("nonpad", "target", "answer", "subject", "subject_last")
 
 
+def layer_rows(method: str, rows: RowsMode | Sequence[RowsMode], inner_params: Sequence[InnerParam]) -> list[RowsMode]:
+    """One rows mode per inner parameter: `rows` itself for each, or its list checked against them."""
+    modes = [rows] * len(inner_params) if isinstance(rows, str) else list(rows)
+    if len(modes) != len(inner_params):
+        raise MetaEditError(f"{method} rows lists {len(modes)} modes for {len(inner_params)} inner parameters "
+                            f"({[p.module_name for p in inner_params]}): give one mode, or one per parameter")
+    bad = [m for m in modes if m not in ROWS_MODES]
+    if bad:
+        raise MetaEditError(f"{method} rows must be one of {list(ROWS_MODES)} (or a list of them), got {rows!r}")
+    return modes
+
+
 class MENDEditor(Editor):
     """For y = W u + b the edit-loss gradient is Σ_t δ_t u_tᵀ; MEND maps each (u_t, δ_t) to a pseudo
     pair (ũ_t, δ̃_t) and applies W' = W − η_ℓ Σ_t δ̃_t ũ_tᵀ (descent; the reference code adds).
@@ -40,7 +52,9 @@ class MENDEditor(Editor):
             "subject_last" its last token, on the stream the prompt is read on (decoder layers of a
             seq2seq model keep all): a key taken where the subject is read differs between facts
             that share a template, so the update moves their answers less (DESIGN §2, locality).
-            A request without a subject uses its last prompt token (logged once).
+            A request without a subject uses its last prompt token (logged once). A list gives one
+            mode per inner parameter (in their order): e.g. the subject's last token at middle blocks,
+            where a key tells subjects apart, beside the answer rows of the last blocks.
         n_blocks: residual blocks in each network.
         act: activation of the residual blocks (gelu, silu, tanh).
         chunk_size: edits per base forward/backward when an edit is applied: the update is a sum
@@ -91,7 +105,7 @@ class MENDEditor(Editor):
         inner_params: Sequence[InnerParam],
         rank: int = 1920,
         edit_lr: float = 1e-4,
-        rows: RowsMode = "nonpad",
+        rows: RowsMode | Sequence[RowsMode] = "nonpad",
         n_blocks: int = 2,
         act: str = "gelu",
         edit_lr_lr: float | None = None,
@@ -106,8 +120,7 @@ class MENDEditor(Editor):
         super().__init__(model, inner_params)
         if chunk_size < 1:
             raise MetaEditError(f"{self.method} chunk_size must be >= 1, got {chunk_size}")
-        if rows not in ROWS_MODES:
-            raise MetaEditError(f"{self.method} rows must be one of {list(ROWS_MODES)}, got {rows!r}")
+        self.rows = rows  # checked, and resolved to one mode per inner parameter (layer_rows)
         if edit_lr_lr is not None and edit_lr_lr <= 0:
             raise MetaEditError(f"{self.method} edit_lr_lr must be > 0 or null, got {edit_lr_lr}")
         if not edit_scale > 0:
@@ -116,7 +129,7 @@ class MENDEditor(Editor):
             raise MetaEditError(f"{self.method} edit_steps must be >= 1, got {edit_steps}")
         if not edit_contrast >= 0:
             raise MetaEditError(f"{self.method} edit_contrast must be >= 0, got {edit_contrast}")
-        self.rank, self.edit_lr_init, self.rows, self.n_blocks, self.act = rank, edit_lr, rows, n_blocks, act
+        self.rank, self.edit_lr_init, self.n_blocks, self.act = rank, edit_lr, n_blocks, act
         self.edit_lr_lr, self.chunk_size, self.edit_scale = edit_lr_lr, chunk_size, float(edit_scale)
         self.edit_steps, self.edit_contrast = int(edit_steps), float(edit_contrast)
         self.transform_delta = bool(transform_delta)
@@ -134,6 +147,15 @@ class MENDEditor(Editor):
             {f"{i}x{o}": GradientTransform(i, o, count[f"{i}x{o}"], rank, n_blocks, act, self.transform_delta) for i, o in shapes}
         )
         self.edit_lrs = nn.Parameter(torch.full((len(self.inner_params),), float(edit_lr)))
+
+    @property
+    def rows(self) -> RowsMode | list[RowsMode]:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: RowsMode | Sequence[RowsMode]) -> None:
+        self.layer_rows = layer_rows(self.method, rows, self.inner_params)
+        self._rows: RowsMode | list[RowsMode] = rows if isinstance(rows, str) else list(rows)
 
     def hparams(self) -> dict[str, Any]:
         return {"rank": self.rank, "edit_lr": self.edit_lr_init, "rows": self.rows, "n_blocks": self.n_blocks,
@@ -174,14 +196,14 @@ class MENDEditor(Editor):
         inner layer (autograd.grad w.r.t. layer outputs only, never into base parameters).
         `requests` (one per row of `edit`) are needed by the subject row modes. `owners`, when given,
         receives per inner layer the edit (row of `edit`) each kept row belongs to."""
-        subject_mask = None
-        if self.rows in ("subject", "subject_last"):
+        subject_masks: dict[str, Tensor] = {}
+        for mode in {"subject", "subject_last"} & set(self.layer_rows):
             if requests is None or len(requests) != len(edit):
-                raise MetaEditError(f"{self.method} rows={self.rows!r} needs one edit request per row of the edit batch")
+                raise MetaEditError(f"{self.method} rows={mode!r} needs one edit request per row of the edit batch")
             if self.formatter is None:
-                raise MetaEditError(f"{self.method} rows={self.rows!r} needs the tokenizer; load the editor with one")
-            subject_mask = subject_row_mask(self.formatter, edit, requests, last_only=self.rows == "subject_last")
-            subject_mask = subject_mask.reshape(-1).to(edit.input_ids.device)
+                raise MetaEditError(f"{self.method} rows={mode!r} needs the tokenizer; load the editor with one")
+            mask = subject_row_mask(self.formatter, edit, requests, last_only=mode == "subject_last")
+            subject_masks[mode] = mask.reshape(-1).to(edit.input_ids.device)
         modules = {p.module_name: self.model.get_submodule(p.module_name) for p in self.inner_params}
         with torch.enable_grad(), capture_layer_io(modules) as io:
             logits = forward_logits(self.model, edit, params)
@@ -191,14 +213,16 @@ class MENDEditor(Editor):
                 loss = loss + self.edit_contrast * rival_logprob(logits, edit.targets).sum()
             outputs = [io[p.module_name][1] for p in self.inner_params]
             deltas = torch.autograd.grad(loss, outputs)
-        target_mask = answer_mask(edit.targets, first_only=self.rows == "answer").reshape(-1)
+        target_masks = {mode: answer_mask(edit.targets, first_only=mode == "answer").reshape(-1)
+                        for mode in {"target", "answer"} & set(self.layer_rows)}
         rows = []
-        for p, delta in zip(self.inner_params, deltas):
+        for p, delta, mode in zip(self.inner_params, deltas, self.layer_rows):
             x = io[p.module_name][0]
             u = x.reshape(-1, p.d_in)
             d = delta.reshape(-1, p.d_out)
             keep = (u != 0).any(-1) & (d != 0).any(-1)  # padding rows contribute nothing
-            if self.rows in ("target", "answer") and p.side == "output" and target_mask.numel() == keep.numel():
+            target_mask, subject_mask = target_masks.get(mode), subject_masks.get(mode)
+            if target_mask is not None and p.side == "output" and target_mask.numel() == keep.numel():
                 keep &= target_mask.to(keep.device)
             elif subject_mask is not None and (p.side == "input" or edit.decoder_input_ids is None):
                 # The prompt is read on the input stream (causal LMs: their only stream); a seq2seq
