@@ -253,9 +253,6 @@ class MALMENEditor(MENDEditor):
             raise MetaEditError(f"{self.method} inner_weight weighs the rows inside the answer (rows=target); "
                                 f"got rows={rows!r}")
         self.preserve = PreservedKeys(model, self.inner_params, preserve)
-        # The bank holds answer-position keys: a subject row's key is not comparable to them, so a
-        # layer with subject rows gets no bank rows (and no swaps); at least one layer must read answers.
-        self._answer_layers = [m in ("target", "answer", "nonpad") for m in self.layer_rows]
         if self.preserve.enabled and not any(self._answer_layers):
             raise MetaEditError(f"{self.method} preserve needs rows=target, answer or nonpad on some layer (the bank's "
                                 f"keys are the answer positions'), got rows={rows!r}")
@@ -281,6 +278,12 @@ class MALMENEditor(MENDEditor):
         # The sequence's earlier steps, per inner layer (float32): Σ KᵀK for per-layer solves, the keys
         # themselves [rows, d_in] for the joint one (its rows are positions read at every layer).
         self.earlier: list[Tensor] = []
+
+    @property
+    def _answer_layers(self) -> list[bool]:
+        """Per inner layer: does it read answer positions? The bank holds answer-position keys, which a
+        subject row's key is not comparable to, so a layer with subject rows gets no bank rows (nor swaps)."""
+        return [m in ("target", "answer", "nonpad") for m in self.layer_rows]
 
     def hparams(self) -> dict[str, Any]:
         # MEND's key_whitening (with its stats) is not MALMEN's: its update is a least-squares solve
